@@ -1,0 +1,329 @@
+"""The truth model: plain typed records for one agent session and its parts.
+
+Stores translate at their edges; comparison, merging and validation work on these
+records only. Text must be storable by PostgreSQL exactly as it is: no NUL and no
+lone surrogates (which is what invalid UTF-8 becomes once decoded with
+``surrogateescape``). Such text is refused with an error naming the field, never
+altered silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from memshift.errors import ValidationError
+
+MAX_ID_BYTES = 512
+
+SessionStatus = Literal["active", "waiting_tool", "paused", "completed", "failed", "expired"]
+ToolStatus = Literal["pending", "running", "retrying", "succeeded", "failed"]
+
+SESSION_STATUSES: tuple[str, ...] = (
+    "active",
+    "waiting_tool",
+    "paused",
+    "completed",
+    "failed",
+    "expired",
+)
+TERMINAL_TOOL_STATUSES = frozenset({"succeeded", "failed"})
+# Rank breaks ties between two tool-run writes with the same timestamp, so that every
+# store picks the same winner whatever order the writes arrive in.
+TOOL_STATUS_RANK = {"pending": 0, "running": 1, "retrying": 2, "succeeded": 3, "failed": 3}
+
+LEGAL_TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "active": ("waiting_tool", "paused", "completed", "failed", "expired"),
+    "waiting_tool": ("active", "failed", "expired"),
+    "paused": ("active", "failed", "expired"),
+    "completed": ("active",),
+    "failed": ("active",),
+    "expired": (),
+}
+
+
+def legal_sources(to_status: str) -> list[str]:
+    """The statuses from which a move to ``to_status`` is legal."""
+    return [src for src, targets in LEGAL_TRANSITIONS.items() if to_status in targets]
+
+
+def text_problem(value: str) -> str | None:
+    """Why PostgreSQL cannot hold ``value`` exactly, or None when it can."""
+    nul = value.find("\x00")
+    if nul >= 0:
+        return f"contains a NUL character at offset {nul} (PostgreSQL text cannot hold NUL)"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid UTF-8 at offset {exc.start} (lone surrogate {value[exc.start]!r})"
+    return None
+
+
+def _check_text(value: str) -> str:
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(f"text {problem}")
+    return value
+
+
+def _check_id(value: str) -> str:
+    _check_text(value)
+    if not value:
+        raise ValueError("id is empty")
+    size = len(value.encode("utf-8"))
+    if size > MAX_ID_BYTES:
+        raise ValueError(f"id is {size} bytes long; at most {MAX_ID_BYTES} bytes are allowed")
+    return value
+
+
+def _check_json(value: Any, path: str = "$") -> Any:
+    """Refuse JSON values that JSONB cannot store exactly (NUL, lone surrogates)."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise ValueError(f"string at {path} {problem}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"key {key!r} at {path} is not a string")
+            problem = text_problem(key)
+            if problem:
+                raise ValueError(f"key at {path} {problem}")
+            _check_json(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_json(item, f"{path}[{index}]")
+    elif isinstance(value, float) and value != value:  # NaN is not JSON
+        raise ValueError(f"number at {path} is NaN, which JSON cannot hold")
+    elif value is not None and not isinstance(value, bool | int | float):
+        raise ValueError(f"value at {path} of type {type(value).__name__} is not JSON")
+    return value
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp has no time zone; give it in UTC (e.g. 2026-05-19T10:00:00Z)")
+    return value.astimezone(UTC)
+
+
+Id = Annotated[str, AfterValidator(_check_id)]
+Text = Annotated[str, AfterValidator(_check_text)]
+JsonObject = Annotated[dict[str, Any], AfterValidator(_check_json)]
+JsonValue = Annotated[Any, AfterValidator(_check_json)]
+Timestamp = Annotated[datetime, AfterValidator(_utc)]
+Count = Annotated[int, Field(ge=0, le=2**62)]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def check_session_id(session_id: object) -> str:
+    """Validate a session id given to the API; raise ValidationError naming the problem."""
+    if not isinstance(session_id, str):
+        raise ValidationError(
+            f"session id must be a str, got {type(session_id).__name__} {session_id!r}"
+        )
+    try:
+        return _check_id(session_id)
+    except ValueError as exc:
+        raise ValidationError(
+            f"session id {session_id!r}: {exc}", session_id=None, where="session_id"
+        ) from None
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=False)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.model_dump(mode="json")
+        return data
+
+
+class Session(Record):
+    session_id: Id
+    tenant_id: Text | None = None
+    user_id: Text | None = None
+    status: SessionStatus = "active"
+    version: Count = 0
+    created_at: Timestamp = Field(default_factory=now)
+    updated_at: Timestamp = Field(default_factory=now)
+    messages_trimmed: Count = 0
+    metadata: JsonObject = Field(default_factory=dict)
+    expires_at: Timestamp | None = None
+
+
+class Message(Record):
+    """One transcript entry. ``seq`` is None until the primary store assigns it."""
+
+    seq: Count | None = None
+    message_id: Id
+    role: Annotated[Text, Field(min_length=1, max_length=64)]
+    content: Text
+    ts: Timestamp = Field(default_factory=now)
+    tool_call_id: Id | None = None
+
+    def same_content(self, other: Message) -> bool:
+        """Two writes of one message: equal unless id, role, content or tool call differ."""
+        return (self.message_id, self.role, self.content, self.tool_call_id) == (
+            other.message_id,
+            other.role,
+            other.content,
+            other.tool_call_id,
+        )
+
+
+class ToolRun(Record):
+    tool_call_id: Id
+    name: Annotated[Text, Field(min_length=1)]
+    args: JsonValue = Field(default_factory=dict)
+    status: ToolStatus = "pending"
+    attempts: Count = 0
+    last_error: Text | None = None
+    updated_at: Timestamp = Field(default_factory=now)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_TOOL_STATUSES
+
+    def content_hash(self) -> str:
+        """Stable hash of what a winning write replaces; the last tie-break in merges."""
+        body = json.dumps(
+            [self.name, self.args, self.status, self.last_error],
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=False,
+        )
+        return hashlib.sha1(body.encode("utf-8")).hexdigest()
+
+    def merge_key(self) -> tuple[bool, datetime, int, str]:
+        """Order in which writes win: terminal first, then newer, then rank, then hash."""
+        return (self.terminal, self.updated_at, TOOL_STATUS_RANK[self.status], self.content_hash())
+
+
+def merge_tool_runs(old: ToolRun, new: ToolRun) -> ToolRun:
+    """The monotonic merge every store applies: a lattice join, so order never matters.
+
+    The fields come from the write with the greater ``merge_key`` (a terminal status
+    is never replaced by a non-terminal one); ``attempts`` is the maximum of both.
+    """
+    winner = new if new.merge_key() > old.merge_key() else old
+    attempts = max(old.attempts, new.attempts)
+    if winner.attempts == attempts:
+        return winner
+    return winner.model_copy(update={"attempts": attempts})
+
+
+class MemorySummary(Record):
+    version: Annotated[int, Field(ge=1, le=2**62)]
+    text: Text
+    covers_through: Annotated[int, Field(ge=-1, le=2**62)] = -1
+    updated_at: Timestamp = Field(default_factory=now)
+
+
+class Checkpoint(Record):
+    checkpoint_id: Id
+    parent_id: Id | None = None
+    step: Count
+    state: JsonObject = Field(default_factory=dict)
+    created_at: Timestamp = Field(default_factory=now)
+
+    @pydantic.model_validator(mode="after")
+    def _no_self_parent(self) -> Checkpoint:
+        if self.parent_id == self.checkpoint_id:
+            raise ValueError(f"checkpoint {self.checkpoint_id!r} names itself as its parent")
+        return self
+
+
+class Event(Record):
+    """One status transition, append-only; ``event_seq`` is assigned by the primary."""
+
+    event_seq: Count | None = None
+    type: Annotated[Text, Field(min_length=1)] = "status"
+    from_status: Text | None = None
+    to_status: Text | None = None
+    at: Timestamp = Field(default_factory=now)
+    data: JsonObject = Field(default_factory=dict)
+
+
+class StatusChange(Record):
+    """What ``set_status`` did: the new session version and the event it recorded."""
+
+    session_version: Count
+    event: Event
+
+
+class SessionState(Record):
+    """The whole of one session, as one store holds it."""
+
+    session: Session
+    messages: tuple[Message, ...] = ()
+    tool_runs: tuple[ToolRun, ...] = ()
+    summaries: tuple[MemorySummary, ...] = ()
+    checkpoints: tuple[Checkpoint, ...] = ()
+    events: tuple[Event, ...] = ()
+
+    @property
+    def session_id(self) -> str:
+        return self.session.session_id
+
+    @property
+    def message_count(self) -> int:
+        """Messages ever appended: those trimmed away plus those still held."""
+        if not self.messages:
+            return self.session.messages_trimmed
+        return max(self.session.messages_trimmed, (self.messages[-1].seq or 0) + 1)
+
+    @property
+    def latest_summary(self) -> MemorySummary | None:
+        return max(self.summaries, key=lambda s: s.version, default=None)
+
+    @property
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return max(self.checkpoints, key=lambda c: (c.step, c.checkpoint_id), default=None)
+
+    def tool_run(self, tool_call_id: str) -> ToolRun | None:
+        return next((t for t in self.tool_runs if t.tool_call_id == tool_call_id), None)
+
+
+def parse(
+    cls: type[Record], data: Any, *, session_id: str | None, where: str
+) -> Any:
+    """Build a record from raw data, turning pydantic's error into one that names the place."""
+    try:
+        return cls.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
+            for err in exc.errors(include_url=False)
+        )
+        owner = f"session {session_id!r}, " if session_id is not None else ""
+        raise ValidationError(
+            f"{owner}{where}: invalid {cls.__name__}: {problems}",
+            session_id=session_id,
+            where=where,
+        ) from None
+
+
+def build(cls: type[Record], session_id: str | None, where: str, **fields: Any) -> Any:
+    """Keyword form of :func:`parse` for API callers."""
+    return parse(cls, fields, session_id=session_id, where=where)
+
+
+def coerce(cls: type[Record], value: Any, *, session_id: str | None, where: str) -> Any:
+    """Accept a record or a mapping of its fields from API callers; validate the latter."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict) or hasattr(value, "keys"):
+        return parse(cls, dict(value), session_id=session_id, where=where)
+    raise ValidationError(
+        f"{where}: expected a {cls.__name__} or a mapping of its fields, "
+        f"got {type(value).__name__}",
+        session_id=session_id,
+        where=where,
+    )

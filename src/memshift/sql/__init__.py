@@ -1,0 +1,1 @@
+"""SQL kept as SQL: numbered migrations and one file of named queries."""

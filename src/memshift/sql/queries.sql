@@ -1,0 +1,239 @@
+-- Named queries of the PostgreSQL store. Each starts with "-- name: NAME" and runs
+-- as one statement (one round trip). Parameters are psycopg's %(name)s, never
+-- formatted into the text. The monotonic guards of DESIGN §2 are here, so that any
+-- write may land any number of times and in any order.
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM memshift.schema_version;
+
+-- name: load_session
+-- The whole session in one statement: the session row and each part as JSON.
+SELECT
+    (SELECT to_jsonb(s) - 'next_seq' - 'next_event_seq' - 'placeholder'
+       FROM memshift.sessions s WHERE s.session_id = %(session_id)s),
+    (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' ORDER BY m.seq), '[]')
+       FROM memshift.messages m WHERE m.session_id = %(session_id)s),
+    (SELECT coalesce(jsonb_agg(to_jsonb(t) - 'session_id' - 'content_hash'
+                               ORDER BY t.tool_call_id), '[]')
+       FROM memshift.tool_runs t WHERE t.session_id = %(session_id)s),
+    (SELECT coalesce(jsonb_agg(to_jsonb(u) - 'session_id' ORDER BY u.version), '[]')
+       FROM memshift.summaries u WHERE u.session_id = %(session_id)s),
+    (SELECT coalesce(jsonb_agg(to_jsonb(c) - 'session_id'
+                               ORDER BY c.step, c.checkpoint_id), '[]')
+       FROM memshift.checkpoints c WHERE c.session_id = %(session_id)s),
+    (SELECT coalesce(jsonb_agg(to_jsonb(e) - 'session_id' ORDER BY e.event_seq), '[]')
+       FROM memshift.events e WHERE e.session_id = %(session_id)s);
+
+-- name: save_session
+-- A newer (version, updated_at) replaces the record; a placeholder is always
+-- replaced; messages_trimmed only grows. Reports the row as it was before.
+WITH old AS (
+    SELECT version, updated_at, placeholder
+      FROM memshift.sessions WHERE session_id = %(session_id)s
+), up AS (
+    INSERT INTO memshift.sessions AS s
+        (session_id, tenant_id, user_id, status, version, created_at, updated_at,
+         messages_trimmed, metadata, expires_at, next_seq)
+    VALUES (%(session_id)s, %(tenant_id)s, %(user_id)s, %(status)s, %(version)s,
+            %(created_at)s, %(updated_at)s, %(messages_trimmed)s, %(metadata)s,
+            %(expires_at)s, %(messages_trimmed)s)
+    ON CONFLICT (session_id) DO UPDATE SET
+        tenant_id  = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                                > (s.version, s.updated_at)
+                          THEN excluded.tenant_id ELSE s.tenant_id END,
+        user_id    = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                                > (s.version, s.updated_at)
+                          THEN excluded.user_id ELSE s.user_id END,
+        status     = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                                > (s.version, s.updated_at)
+                          THEN excluded.status ELSE s.status END,
+        created_at = CASE WHEN s.placeholder THEN excluded.created_at
+                          ELSE least(s.created_at, excluded.created_at) END,
+        metadata   = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                                > (s.version, s.updated_at)
+                          THEN excluded.metadata ELSE s.metadata END,
+        expires_at = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                                > (s.version, s.updated_at)
+                          THEN excluded.expires_at ELSE s.expires_at END,
+        version    = greatest(s.version, excluded.version),
+        updated_at = greatest(s.updated_at, excluded.updated_at),
+        messages_trimmed = greatest(s.messages_trimmed, excluded.messages_trimmed),
+        next_seq   = greatest(s.next_seq, excluded.messages_trimmed),
+        placeholder = false
+    WHERE s.placeholder
+       OR (excluded.version, excluded.updated_at) > (s.version, s.updated_at)
+       OR excluded.messages_trimmed > s.messages_trimmed
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM up), old.version, old.updated_at
+  FROM (SELECT 1) AS one LEFT JOIN old ON true;
+
+-- name: append_message_assign
+-- PostgreSQL is primary: the seq comes from the session row in the same statement.
+-- A duplicate message id raises a unique violation, which undoes the seq bump too.
+WITH s AS (
+    UPDATE memshift.sessions SET next_seq = next_seq + 1
+     WHERE session_id = %(session_id)s
+    RETURNING next_seq - 1 AS seq
+)
+INSERT INTO memshift.messages (session_id, seq, message_id, role, content, ts, tool_call_id)
+SELECT %(session_id)s, s.seq, %(message_id)s, %(role)s, %(content)s, %(ts)s, %(tool_call_id)s
+  FROM s
+RETURNING seq;
+
+-- name: append_message_carried
+-- A replicated write carries its seq: insert it, or report what already holds that
+-- seq or message id (the outer SELECT sees the rows as they were before the insert).
+WITH ins AS (
+    INSERT INTO memshift.messages (session_id, seq, message_id, role, content, ts, tool_call_id)
+    VALUES (%(session_id)s, %(seq)s, %(message_id)s, %(role)s, %(content)s, %(ts)s,
+            %(tool_call_id)s)
+    ON CONFLICT DO NOTHING
+    RETURNING seq
+), sess AS (
+    INSERT INTO memshift.sessions AS s (session_id, placeholder, next_seq)
+    SELECT %(session_id)s, true, ins.seq + 1 FROM ins
+    ON CONFLICT (session_id) DO UPDATE SET next_seq = excluded.next_seq
+    WHERE s.next_seq < excluded.next_seq
+)
+SELECT true, seq, NULL, NULL, NULL, NULL, NULL FROM ins
+UNION ALL
+SELECT false, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id
+  FROM memshift.messages m
+ WHERE m.session_id = %(session_id)s AND (m.seq = %(seq)s OR m.message_id = %(message_id)s);
+
+-- name: message_by_id
+SELECT seq, message_id, role, content, ts, tool_call_id
+  FROM memshift.messages WHERE session_id = %(session_id)s AND message_id = %(message_id)s;
+
+-- name: session_exists
+SELECT 1 FROM memshift.sessions WHERE session_id = %(session_id)s;
+
+-- name: record_message_conflict
+INSERT INTO memshift.message_conflicts (session_id, seq, existing, incoming)
+VALUES (%(session_id)s, %(seq)s, %(existing)s, %(incoming)s);
+
+-- name: upsert_tool_run
+-- Fields from the winning write (memshift.tool_run_wins); attempts never decrease.
+-- Returns the stored run after the write, whether or not it changed.
+WITH up AS (
+    INSERT INTO memshift.tool_runs AS t
+        (session_id, tool_call_id, name, args, status, attempts, last_error, updated_at,
+         content_hash)
+    VALUES (%(session_id)s, %(tool_call_id)s, %(name)s, %(args)s, %(status)s, %(attempts)s,
+            %(last_error)s, %(updated_at)s, %(content_hash)s)
+    ON CONFLICT (session_id, tool_call_id) DO UPDATE SET
+        name = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                    THEN excluded.name ELSE t.name END,
+        args = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                    THEN excluded.args ELSE t.args END,
+        status = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                    THEN excluded.status ELSE t.status END,
+        last_error = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                    THEN excluded.last_error ELSE t.last_error END,
+        updated_at = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                    THEN excluded.updated_at ELSE t.updated_at END,
+        content_hash = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                    THEN excluded.content_hash ELSE t.content_hash END,
+        attempts = greatest(t.attempts, excluded.attempts)
+    WHERE memshift.tool_run_wins(excluded.status, excluded.updated_at, excluded.content_hash,
+                                 t.status, t.updated_at, t.content_hash)
+       OR excluded.attempts > t.attempts
+    RETURNING tool_call_id, name, args, status, attempts, last_error, updated_at
+)
+SELECT * FROM up
+UNION ALL
+SELECT tool_call_id, name, args, status, attempts, last_error, updated_at
+  FROM memshift.tool_runs
+ WHERE session_id = %(session_id)s AND tool_call_id = %(tool_call_id)s
+   AND NOT EXISTS (SELECT 1 FROM up);
+
+-- name: put_summary
+-- History is kept; the latest is the highest version. The first write of a
+-- version wins. Reports whether it was inserted, the highest version before, and
+-- the text stored for this version before.
+WITH ins AS (
+    INSERT INTO memshift.summaries (session_id, version, text, covers_through, updated_at)
+    VALUES (%(session_id)s, %(version)s, %(text)s, %(covers_through)s, %(updated_at)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins),
+       (SELECT max(version) FROM memshift.summaries WHERE session_id = %(session_id)s),
+       (SELECT text FROM memshift.summaries
+         WHERE session_id = %(session_id)s AND version = %(version)s);
+
+-- name: put_checkpoint
+-- Every checkpoint of the chain is kept; the latest is the highest step.
+WITH ins AS (
+    INSERT INTO memshift.checkpoints
+        (session_id, checkpoint_id, parent_id, step, state, created_at)
+    VALUES (%(session_id)s, %(checkpoint_id)s, %(parent_id)s, %(step)s, %(state)s,
+            %(created_at)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ins),
+       (SELECT max(step) FROM memshift.checkpoints WHERE session_id = %(session_id)s),
+       (SELECT step = %(step)s AND parent_id IS NOT DISTINCT FROM %(parent_id)s
+               AND state = %(state)s
+          FROM memshift.checkpoints
+         WHERE session_id = %(session_id)s AND checkpoint_id = %(checkpoint_id)s);
+
+-- name: set_status_assign
+-- PostgreSQL is primary: check the move against the current status (row locked),
+-- bump the version, and append the event with the next event_seq, all at once.
+WITH cur AS (
+    SELECT status, version FROM memshift.sessions
+     WHERE session_id = %(session_id)s FOR UPDATE
+), upd AS (
+    UPDATE memshift.sessions s
+       SET status = %(to_status)s, version = s.version + 1,
+           updated_at = greatest(s.updated_at, %(at)s),
+           next_event_seq = s.next_event_seq + 1, placeholder = false
+      FROM cur
+     WHERE s.session_id = %(session_id)s AND cur.status = ANY(%(legal_from)s)
+    RETURNING s.version, s.next_event_seq - 1 AS event_seq
+), ev AS (
+    INSERT INTO memshift.events (session_id, event_seq, type, from_status, to_status, at, data)
+    SELECT %(session_id)s, upd.event_seq, 'status', cur.status, %(to_status)s, %(at)s, %(data)s
+      FROM upd, cur
+)
+SELECT cur.status, upd.version, upd.event_seq FROM cur LEFT JOIN upd ON true;
+
+-- name: set_status_carried
+-- A replicated status change carries its version and event_seq: the event is
+-- appended once; the status applies only when its version is newer.
+WITH ev AS (
+    INSERT INTO memshift.events (session_id, event_seq, type, from_status, to_status, at, data)
+    VALUES (%(session_id)s, %(event_seq)s, 'status', %(from_status)s, %(to_status)s, %(at)s,
+            %(data)s)
+    ON CONFLICT DO NOTHING
+    RETURNING 1
+), up AS (
+    INSERT INTO memshift.sessions AS s
+        (session_id, placeholder, status, version, updated_at, next_event_seq)
+    VALUES (%(session_id)s, true, %(to_status)s, %(version)s, %(at)s, %(event_seq)s + 1)
+    ON CONFLICT (session_id) DO UPDATE SET
+        status = CASE WHEN excluded.version > s.version THEN excluded.status ELSE s.status END,
+        updated_at = CASE WHEN excluded.version > s.version
+                          THEN greatest(s.updated_at, excluded.updated_at)
+                          ELSE s.updated_at END,
+        version = greatest(s.version, excluded.version),
+        next_event_seq = greatest(s.next_event_seq, excluded.next_event_seq)
+    WHERE excluded.version > s.version OR excluded.next_event_seq > s.next_event_seq
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM up);
+
+-- name: list_sessions
+SELECT session_id FROM memshift.sessions
+ WHERE session_id > %(after)s
+ ORDER BY session_id
+ LIMIT %(limit)s;
