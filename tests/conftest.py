@@ -66,16 +66,22 @@ def pg_admin_dsn(_servers: tuple[str, str]) -> str:
     return _servers[0]
 
 
-@pytest.fixture(scope="session")
-def pg_template(pg_admin_dsn: str) -> Iterator[str]:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    name = f"memshift_tpl_{worker}_{os.getpid()}"
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {}").format(psycopg.sql.Identifier(name)))
-        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name)))
-    upgrade(_with_db(pg_admin_dsn, name))
-    yield name
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
+def create_database(admin_dsn: str, name: str, template: str | None = None) -> str:
+    """Create database ``name`` (from ``template`` if given); return its DSN."""
+    ident = psycopg.sql.Identifier
+    statement = psycopg.sql.SQL("CREATE DATABASE {}").format(ident(name))
+    if template:
+        statement = psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+            ident(name), ident(template)
+        )
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident(name)))
+        conn.execute(statement)
+    return _with_db(admin_dsn, name)
+
+
+def drop_database(admin_dsn: str, name: str) -> None:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
         conn.execute(
             psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 psycopg.sql.Identifier(name)
@@ -83,30 +89,29 @@ def pg_template(pg_admin_dsn: str) -> Iterator[str]:
         )
 
 
+@pytest.fixture(scope="session")
+def pg_template(pg_admin_dsn: str) -> Iterator[str]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"memshift_tpl_{worker}_{os.getpid()}"
+    upgrade(create_database(pg_admin_dsn, name))
+    yield name
+    drop_database(pg_admin_dsn, name)
+
+
 @pytest.fixture
 def pg_dsn(pg_admin_dsn: str, pg_template: str) -> Iterator[str]:
     """A fresh, migrated database for this test alone."""
     name = f"memshift_t_{uuid.uuid4().hex[:12]}"
-    ident = psycopg.sql.Identifier
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-        conn.execute(
-            psycopg.sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(ident(name), ident(pg_template))
-        )
-    yield _with_db(pg_admin_dsn, name)
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident(name)))
+    yield create_database(pg_admin_dsn, name, pg_template)
+    drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture
 def empty_pg_dsn(pg_admin_dsn: str) -> Iterator[str]:
     """A fresh database with no memshift schema, for migration tests."""
     name = f"memshift_e_{uuid.uuid4().hex[:12]}"
-    ident = psycopg.sql.Identifier
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("CREATE DATABASE {}").format(ident(name)))
-    yield _with_db(pg_admin_dsn, name)
-    with psycopg.connect(pg_admin_dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident(name)))
+    yield create_database(pg_admin_dsn, name)
+    drop_database(pg_admin_dsn, name)
 
 
 @pytest.fixture(scope="session")

@@ -163,7 +163,10 @@ def _env_var(name: str) -> str:
 
 
 def _shown(secret: str | None) -> str | None:
-    return None if secret is None else redact(secret)
+    if secret is None:
+        return None
+    shown = _safely_redacted(secret)
+    return "<hidden: may hold a password>" if shown is None else shown
 
 
 def _problem(name: str, origin: str, what: str, todo: str) -> ConfigError:
@@ -243,15 +246,23 @@ def _coerce(name: str, raw: object, origin: str, *, from_toml: bool = False) -> 
 
 
 def _echo(text: str) -> str:
-    """``text`` quoted for a message, redacted; hidden whole if a password may survive.
+    """``text`` quoted for a message, redacted; hidden whole if a password may survive."""
+    shown = _safely_redacted(text)
+    return "the value (not shown: it may hold a password)" if shown is None else repr(shown)
+
+
+def _safely_redacted(text: str) -> str | None:
+    """``redact(text)``, or ``None`` when a password may have survived redaction.
 
     ``redact`` only recognises passwords in URLs with a scheme and in ``password=``
-    pairs; a malformed value such as ``user:pw@host`` would pass through it intact.
+    pairs; a malformed value such as ``user:pw@host`` passes through it intact, and
+    a space ends a password for it, so ``password=my secret`` would still show ``secret``.
     """
     shown = redact(text)
-    if _LOOKS_LIKE_PASSWORD.search(shown):
-        return "the value (not shown: it may hold a password)"
-    return repr(shown)
+    spaced_secret = re.search(r"\s", shown) and ("@" in shown or "password" in shown.lower())
+    if _LOOKS_LIKE_PASSWORD.search(shown) or spaced_secret:
+        return None
+    return shown
 
 
 def _typed(raw: object) -> str:
@@ -319,6 +330,13 @@ def _check_redis_url(url: str, origin: str) -> None:
         raise _problem(
             "redis_url", origin, f"{_echo(url)} has an invalid host or port", todo
         ) from None
+    if re.search(r"\s", url):
+        raise _problem(
+            "redis_url",
+            origin,
+            f"{_echo(url)} contains spaces",
+            "percent-encode them (%20) or remove them",
+        )
     if parts.scheme not in REDIS_SCHEMES:
         scheme = f"scheme {parts.scheme!r}" if parts.scheme else "no scheme"
         raise _problem(

@@ -158,6 +158,15 @@ class Session(Record):
     expires_at: Timestamp | None = None
 
 
+def placeholder_session(session_id: str, seen: list[datetime]) -> Session:
+    """The session record a store reports when it holds parts of a session but no record.
+
+    It is as old as its oldest part, so that every store reports the same one.
+    """
+    first = min(seen, default=None) or now()
+    return Session(session_id=session_id, created_at=first, updated_at=first)
+
+
 class Message(Record):
     """One transcript entry. ``seq`` is None until the primary store assigns it."""
 
@@ -252,10 +261,19 @@ class Event(Record):
 
 
 class StatusChange(Record):
-    """What ``set_status`` did: the new session version and the event it recorded."""
+    """What ``set_status`` did: the session as it is after the change, and the event.
 
-    session_version: Count
+    A secondary store replicates it whole with ``apply_status_change``: the session
+    record moves only as a whole snapshot under its version, so a late status change
+    can never overwrite fields that a newer session write set.
+    """
+
+    session: Session
     event: Event
+
+    @property
+    def session_version(self) -> int:
+        return self.session.version
 
 
 class SessionState(Record):
@@ -286,6 +304,16 @@ class SessionState(Record):
     @property
     def latest_checkpoint(self) -> Checkpoint | None:
         return max(self.checkpoints, key=lambda c: (c.step, c.checkpoint_id), default=None)
+
+    def timestamps(self) -> list[datetime]:
+        """Every timestamp of the session's parts (for placeholder sessions)."""
+        return [
+            *(m.ts for m in self.messages),
+            *(t.updated_at for t in self.tool_runs),
+            *(s.updated_at for s in self.summaries),
+            *(c.created_at for c in self.checkpoints),
+            *(e.at for e in self.events),
+        ]
 
     def tool_run(self, tool_call_id: str) -> ToolRun | None:
         return next((t for t in self.tool_runs if t.tool_call_id == tool_call_id), None)

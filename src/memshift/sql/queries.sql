@@ -9,7 +9,11 @@ SELECT coalesce(max(version), 0) FROM memshift.schema_version;
 -- name: load_session
 -- The whole session in one statement: the session row and each part as JSON.
 SELECT
+    -- A placeholder that no session write has reached yet has no updated_at of its
+    -- own: it shows its created_at (the time of its first part).
     (SELECT to_jsonb(s) - 'next_seq' - 'next_event_seq' - 'placeholder'
+            || jsonb_build_object('updated_at', CASE WHEN s.updated_at = '-infinity'
+                                                     THEN s.created_at ELSE s.updated_at END)
        FROM memshift.sessions s WHERE s.session_id = %(session_id)s),
     (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' ORDER BY m.seq), '[]')
        FROM memshift.messages m WHERE m.session_id = %(session_id)s),
@@ -26,7 +30,8 @@ SELECT
 
 -- name: save_session
 -- A newer (version, updated_at) replaces the record; a placeholder is always
--- replaced; messages_trimmed only grows. Reports the row as it was before.
+-- replaced; messages_trimmed only grows. Reports whether it changed the row, and
+-- whether the row already held this version.
 WITH old AS (
     SELECT version, updated_at, placeholder
       FROM memshift.sessions WHERE session_id = %(session_id)s
@@ -44,7 +49,9 @@ WITH old AS (
         user_id    = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
                                 > (s.version, s.updated_at)
                           THEN excluded.user_id ELSE s.user_id END,
-        status     = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+        -- A placeholder's status came from a replicated status change with its own
+        -- version, so only a newer version replaces it.
+        status     = CASE WHEN (excluded.version, excluded.updated_at)
                                 > (s.version, s.updated_at)
                           THEN excluded.status ELSE s.status END,
         created_at = CASE WHEN s.placeholder THEN excluded.created_at
@@ -65,7 +72,8 @@ WITH old AS (
        OR excluded.messages_trimmed > s.messages_trimmed
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM up), old.version, old.updated_at
+SELECT (SELECT count(*) FROM up),
+       coalesce(old.version = %(version)s AND old.updated_at = %(updated_at)s, false)
   FROM (SELECT 1) AS one LEFT JOIN old ON true;
 
 -- name: append_message_assign
@@ -91,10 +99,15 @@ WITH ins AS (
     ON CONFLICT DO NOTHING
     RETURNING seq
 ), sess AS (
-    INSERT INTO memshift.sessions AS s (session_id, placeholder, next_seq)
-    SELECT %(session_id)s, true, ins.seq + 1 FROM ins
-    ON CONFLICT (session_id) DO UPDATE SET next_seq = excluded.next_seq
+    -- A placeholder session is as old as its oldest part, whatever the arrival order.
+    INSERT INTO memshift.sessions AS s (session_id, placeholder, next_seq, created_at)
+    SELECT %(session_id)s, true, ins.seq + 1, %(ts)s FROM ins
+    ON CONFLICT (session_id) DO UPDATE SET
+        next_seq = greatest(s.next_seq, excluded.next_seq),
+        created_at = CASE WHEN s.placeholder THEN least(s.created_at, excluded.created_at)
+                          ELSE s.created_at END
     WHERE s.next_seq < excluded.next_seq
+       OR (s.placeholder AND excluded.created_at < s.created_at)
 )
 SELECT true, seq, NULL, NULL, NULL, NULL, NULL FROM ins
 UNION ALL
@@ -199,38 +212,33 @@ WITH cur AS (
            next_event_seq = s.next_event_seq + 1, placeholder = false
       FROM cur
      WHERE s.session_id = %(session_id)s AND cur.status = ANY(%(legal_from)s)
-    RETURNING s.version, s.next_event_seq - 1 AS event_seq
+    RETURNING s.next_event_seq - 1 AS event_seq,
+              to_jsonb(s) - 'next_seq' - 'next_event_seq' - 'placeholder' AS session
 ), ev AS (
     INSERT INTO memshift.events (session_id, event_seq, type, from_status, to_status, at, data)
     SELECT %(session_id)s, upd.event_seq, 'status', cur.status, %(to_status)s, %(at)s, %(data)s
       FROM upd, cur
 )
-SELECT cur.status, upd.version, upd.event_seq FROM cur LEFT JOIN upd ON true;
+SELECT cur.status, upd.event_seq, upd.session FROM cur LEFT JOIN upd ON true;
 
--- name: set_status_carried
--- A replicated status change carries its version and event_seq: the event is
--- appended once; the status applies only when its version is newer.
+-- name: record_event
+-- A replicated event carries its event_seq: appended once, whatever the order.
+-- (apply_status_change then applies the session snapshot with save_session.)
 WITH ev AS (
     INSERT INTO memshift.events (session_id, event_seq, type, from_status, to_status, at, data)
-    VALUES (%(session_id)s, %(event_seq)s, 'status', %(from_status)s, %(to_status)s, %(at)s,
+    VALUES (%(session_id)s, %(event_seq)s, %(type)s, %(from_status)s, %(to_status)s, %(at)s,
             %(data)s)
     ON CONFLICT DO NOTHING
-    RETURNING 1
-), up AS (
-    INSERT INTO memshift.sessions AS s
-        (session_id, placeholder, status, version, updated_at, next_event_seq)
-    VALUES (%(session_id)s, true, %(to_status)s, %(version)s, %(at)s, %(event_seq)s + 1)
-    ON CONFLICT (session_id) DO UPDATE SET
-        status = CASE WHEN excluded.version > s.version THEN excluded.status ELSE s.status END,
-        updated_at = CASE WHEN excluded.version > s.version
-                          THEN greatest(s.updated_at, excluded.updated_at)
-                          ELSE s.updated_at END,
-        version = greatest(s.version, excluded.version),
-        next_event_seq = greatest(s.next_event_seq, excluded.next_event_seq)
-    WHERE excluded.version > s.version OR excluded.next_event_seq > s.next_event_seq
-    RETURNING 1
+    RETURNING event_seq
 )
-SELECT (SELECT count(*) FROM ev), (SELECT count(*) FROM up);
+INSERT INTO memshift.sessions AS s (session_id, placeholder, next_event_seq, created_at)
+SELECT %(session_id)s, true, ev.event_seq + 1, %(at)s FROM ev
+ON CONFLICT (session_id) DO UPDATE SET
+    next_event_seq = greatest(s.next_event_seq, excluded.next_event_seq),
+    created_at = CASE WHEN s.placeholder THEN least(s.created_at, excluded.created_at)
+                      ELSE s.created_at END
+WHERE s.next_event_seq < excluded.next_event_seq
+   OR (s.placeholder AND excluded.created_at < s.created_at);
 
 -- name: list_sessions
 SELECT session_id FROM memshift.sessions

@@ -2,9 +2,10 @@
 
 Writes carry the monotonic rules of DESIGN §2: a write never makes state older, so
 any write may land any number of times, in any order, and the stores converge.
-Fields that the primary assigns (a message's ``seq``, an event's ``event_seq`` and the
-session ``version`` after a status change) are ``None`` on a first write and carried
-as given on a replicated write.
+A message's ``seq`` is assigned by the primary (``None`` on a first write) and carried
+as given on a replicated write. ``set_status`` is the primary's call: it checks the
+transition, bumps the session version and records the event; the secondary receives
+the result whole through ``apply_status_change``.
 """
 
 from __future__ import annotations
@@ -56,9 +57,8 @@ class Store(Protocol):
         *,
         at: datetime | None = None,
         data: Mapping[str, Any] | None = None,
-        version: int | None = None,
-        event_seq: int | None = None,
     ) -> StatusChange: ...
+    def apply_status_change(self, change: StatusChange) -> Outcome: ...
     def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]: ...
     def close(self) -> None: ...
 
@@ -88,8 +88,7 @@ class AsyncStore(Protocol):
         *,
         at: datetime | None = None,
         data: Mapping[str, Any] | None = None,
-        version: int | None = None,
-        event_seq: int | None = None,
     ) -> StatusChange: ...
+    async def apply_status_change(self, change: StatusChange) -> Outcome: ...
     def list_sessions(self, *, batch_size: int = 500) -> AsyncIterator[str]: ...
     async def close(self) -> None: ...

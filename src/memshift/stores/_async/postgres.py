@@ -36,6 +36,7 @@ from memshift.model import (
     legal_sources,
     now,
     parse,
+    placeholder_session,
 )
 from memshift.redact import redact
 from memshift.sql.migrations import latest_version
@@ -148,8 +149,8 @@ class AsyncPostgresStore:
         if session is None and not any((messages, tools, summaries, checkpoints, events)):
             return None
         where = "postgres"
-        return SessionState(
-            session=parse(Session, session or {"session_id": sid}, session_id=sid, where=where),
+        parts = SessionState(
+            session=placeholder_session(sid, []),
             messages=tuple(parse(Message, m, session_id=sid, where=where) for m in messages),
             tool_runs=tuple(parse(ToolRun, t, session_id=sid, where=where) for t in tools),
             summaries=tuple(
@@ -160,6 +161,11 @@ class AsyncPostgresStore:
             ),
             events=tuple(parse(Event, e, session_id=sid, where=where) for e in events),
         )
+        if session is None:
+            record = placeholder_session(sid, parts.timestamps())
+        else:
+            record = parse(Session, session, session_id=sid, where=where)
+        return parts.model_copy(update={"session": record})
 
     async def list_sessions(self, *, batch_size: int = 500) -> AsyncIterator[str]:
         """Every session id, in id order, fetched in batches (keyset pagination)."""
@@ -180,12 +186,10 @@ class AsyncPostgresStore:
         params["metadata"] = Jsonb(record.metadata)
         row = await self._fetchone("save_session", params)
         assert row is not None
-        applied, old_version, old_updated = row
+        applied, same_version = row
         if applied:
             return Outcome.APPLIED
-        if (old_version, old_updated) == (record.version, record.updated_at):
-            return Outcome.UNCHANGED
-        return Outcome.STALE
+        return Outcome.UNCHANGED if same_version else Outcome.STALE
 
     async def append_message(
         self, session_id: str, message: Message | Mapping[str, Any]
@@ -297,25 +301,8 @@ class AsyncPostgresStore:
         *,
         at: datetime | None = None,
         data: Mapping[str, Any] | None = None,
-        version: int | None = None,
-        event_seq: int | None = None,
-        from_status: str | None = None,
     ) -> StatusChange:
         sid = check_session_id(session_id)
-        event: Event = coerce(
-            Event,
-            {
-                "event_seq": event_seq,
-                "from_status": from_status,
-                "to_status": status,
-                "at": at or now(),
-                "data": dict(data or {}),
-            },
-            session_id=sid,
-            where="set_status",
-        )
-        params = event.model_dump()
-        params.update(session_id=sid, data=Jsonb(event.data))
         if status not in LEGAL_TRANSITIONS:
             raise ValidationError(
                 f"session {sid!r}: unknown status {status!r}; "
@@ -323,19 +310,40 @@ class AsyncPostgresStore:
                 session_id=sid,
                 where="set_status",
             )
-        if version is None or event_seq is None:
-            params["legal_from"] = legal_sources(status)
-            row = await self._fetchone("set_status_assign", params)
-            if row is None:
-                raise SessionNotFound(sid, "PostgreSQL")
-            current, new_version, new_seq = row
-            if new_version is None:
-                raise IllegalTransition(sid, current, status, list(LEGAL_TRANSITIONS[current]))
-            event = event.model_copy(update={"event_seq": new_seq, "from_status": current})
-            return StatusChange(session_version=new_version, event=event)
-        params["version"] = version
-        await self._fetch("set_status_carried", params)
-        return StatusChange(session_version=version, event=event)
+        event: Event = coerce(
+            Event,
+            {"to_status": status, "at": at or now(), "data": dict(data or {})},
+            session_id=sid,
+            where="set_status",
+        )
+        params = event.model_dump()
+        params.update(session_id=sid, data=Jsonb(event.data), legal_from=legal_sources(status))
+        row = await self._fetchone("set_status_assign", params)
+        if row is None:
+            raise SessionNotFound(sid, "PostgreSQL")
+        current, event_seq, session = row
+        if session is None:
+            raise IllegalTransition(sid, current, status, list(LEGAL_TRANSITIONS[current]))
+        return StatusChange(
+            session=parse(Session, session, session_id=sid, where="sessions"),
+            event=event.model_copy(update={"event_seq": event_seq, "from_status": current}),
+        )
+
+    async def apply_status_change(self, change: StatusChange | Mapping[str, Any]) -> Outcome:
+        record: StatusChange = coerce(
+            StatusChange, change, session_id=None, where="apply_status_change"
+        )
+        if record.event.event_seq is None:
+            raise ValidationError(
+                f"session {record.session.session_id!r}: a replicated status change needs "
+                "the event_seq that the primary assigned",
+                session_id=record.session.session_id,
+                where="apply_status_change",
+            )
+        params = record.event.model_dump()
+        params.update(session_id=record.session.session_id, data=Jsonb(record.event.data))
+        await self._fetch("record_event", params)
+        return await self.save_session(record.session)
 
 
 def _message(row: Row) -> Message:

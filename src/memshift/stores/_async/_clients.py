@@ -1,0 +1,16 @@
+"""The async Redis client, under the names the generated sync code swaps for sync ones.
+
+Hand-written, with a hand-written sync twin in ``../_sync/_clients.py``: the few
+places where the two clients differ by more than ``async``/``await`` live here.
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis as AsyncRedis
+from redis.commands.core import AsyncScript as ScriptHandle
+
+__all__ = ["AsyncRedis", "ScriptHandle", "close_client"]
+
+
+async def close_client(client: AsyncRedis) -> None:
+    await client.aclose()

@@ -1,0 +1,353 @@
+"""PostgreSQL store: the new truth. Every write is one guarded statement of queries.sql.
+
+The sync ``PostgresStore`` is generated from this file by tools/gen_sync.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from memshift.errors import (
+    IllegalTransition,
+    MessageConflict,
+    SchemaError,
+    SessionNotFound,
+    StoreUnavailable,
+    ValidationError,
+)
+from memshift.model import (
+    LEGAL_TRANSITIONS,
+    Checkpoint,
+    Event,
+    MemorySummary,
+    Message,
+    Session,
+    SessionState,
+    StatusChange,
+    ToolRun,
+    check_session_id,
+    coerce,
+    legal_sources,
+    now,
+    parse,
+    placeholder_session,
+)
+from memshift.redact import redact
+from memshift.sql.migrations import latest_version
+from memshift.sql.queries import query
+from memshift.stores.base import Outcome
+
+Row = tuple[Any, ...]
+
+
+class PostgresStore:
+    """The memshift truth model in PostgreSQL (schema ``memshift``).
+
+    Give it a DSN (it owns a connection pool and closes it) or a pool of your own.
+    Use it as a context manager, or call ``close()`` when done.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        dsn_or_pool: str | ConnectionPool,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        check_schema: bool = True,
+    ) -> None:
+        if isinstance(dsn_or_pool, str):
+            self._dsn = dsn_or_pool
+            self._pool = ConnectionPool(
+                dsn_or_pool,
+                min_size=min_size,
+                max_size=max_size,
+                kwargs={"autocommit": True},
+                open=False,
+                name="memshift-postgres",
+            )
+            self._owns_pool = True
+        else:
+            self._dsn = dsn_or_pool.conninfo
+            self._pool = dsn_or_pool
+            self._owns_pool = False
+        self._check_schema = check_schema
+        self._ready = False
+
+    def __enter__(self) -> PostgresStore:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact(self._dsn)!r})"
+
+    def open(self) -> None:
+        """Open the pool and check that the schema is current (done on first use too)."""
+        if self._ready:
+            return
+        if self._owns_pool:
+            try:
+                self._pool.open(wait=True, timeout=15)
+            except (psycopg.Error, PoolTimeout) as exc:
+                raise self._unavailable(exc) from None
+        if self._check_schema:
+            row = self._fetchone("schema_version", {})
+            have = int(row[0]) if row else 0
+            if have < latest_version():
+                raise SchemaError(
+                    f"the PostgreSQL schema is at version {have} but this memshift needs "
+                    f"{latest_version()}; run `memshift db upgrade` first"
+                )
+        self._ready = True
+
+    def close(self) -> None:
+        if self._owns_pool:
+            self._pool.close()
+        self._ready = False
+
+    def _unavailable(self, exc: BaseException) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"PostgreSQL at {redact(self._dsn)} is unreachable: {redact(str(exc)).strip()}"
+        )
+
+    def _fetch(self, name: str, params: Mapping[str, Any]) -> list[Row]:
+        if not self._ready and name != "schema_version":
+            self.open()
+        try:
+            with self._pool.connection() as conn:
+                cur = conn.execute(query(name), params)
+                return cur.fetchall() if cur.description is not None else []
+        except psycopg.errors.UndefinedTable as exc:
+            raise SchemaError(
+                f"memshift tables are missing ({exc.diag.message_primary}); "
+                "run `memshift db upgrade` first"
+            ) from None
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from None
+
+    def _fetchone(self, name: str, params: Mapping[str, Any]) -> Row | None:
+        rows = self._fetch(name, params)
+        return rows[0] if rows else None
+
+    # -- reads ---------------------------------------------------------------
+
+    def load_session(self, session_id: str) -> SessionState | None:
+        sid = check_session_id(session_id)
+        row = self._fetchone("load_session", {"session_id": sid})
+        assert row is not None  # a SELECT of scalar subqueries always yields one row
+        session, messages, tools, summaries, checkpoints, events = row
+        if session is None and not any((messages, tools, summaries, checkpoints, events)):
+            return None
+        where = "postgres"
+        parts = SessionState(
+            session=placeholder_session(sid, []),
+            messages=tuple(parse(Message, m, session_id=sid, where=where) for m in messages),
+            tool_runs=tuple(parse(ToolRun, t, session_id=sid, where=where) for t in tools),
+            summaries=tuple(
+                parse(MemorySummary, s, session_id=sid, where=where) for s in summaries
+            ),
+            checkpoints=tuple(
+                parse(Checkpoint, c, session_id=sid, where=where) for c in checkpoints
+            ),
+            events=tuple(parse(Event, e, session_id=sid, where=where) for e in events),
+        )
+        if session is None:
+            record = placeholder_session(sid, parts.timestamps())
+        else:
+            record = parse(Session, session, session_id=sid, where=where)
+        return parts.model_copy(update={"session": record})
+
+    def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]:
+        """Every session id, in id order, fetched in batches (keyset pagination)."""
+        after = ""
+        while True:
+            rows = self._fetch("list_sessions", {"after": after, "limit": batch_size})
+            for (session_id,) in rows:
+                yield session_id
+            if len(rows) < batch_size:
+                return
+            after = rows[-1][0]
+
+    # -- writes --------------------------------------------------------------
+
+    def save_session(self, session: Session | Mapping[str, Any]) -> Outcome:
+        record: Session = coerce(Session, session, session_id=None, where="save_session")
+        params = record.model_dump()
+        params["metadata"] = Jsonb(record.metadata)
+        row = self._fetchone("save_session", params)
+        assert row is not None
+        applied, same_version = row
+        if applied:
+            return Outcome.APPLIED
+        return Outcome.UNCHANGED if same_version else Outcome.STALE
+
+    def append_message(
+        self, session_id: str, message: Message | Mapping[str, Any]
+    ) -> Message:
+        sid = check_session_id(session_id)
+        msg: Message = coerce(Message, message, session_id=sid, where="append_message")
+        params = msg.model_dump()
+        params["session_id"] = sid
+        if msg.seq is None:
+            return self._append_assign(sid, msg, params)
+        return self._append_carried(sid, msg, params)
+
+    def _append_assign(self, sid: str, msg: Message, params: dict[str, Any]) -> Message:
+        try:
+            row = self._fetchone("append_message_assign", params)
+        except psycopg.errors.UniqueViolation:
+            # The message id is already stored: a retried append is a no-op.
+            found = self._fetchone("message_by_id", params)
+            if found is None:  # removed since; cannot happen with append-only rows
+                raise
+            existing = _message(found)
+            if not existing.same_content(msg):
+                self._conflict(sid, existing, msg)
+            return existing
+        if row is None:
+            raise SessionNotFound(sid, "PostgreSQL")
+        return msg.model_copy(update={"seq": row[0]})
+
+    def _append_carried(self, sid: str, msg: Message, params: dict[str, Any]) -> Message:
+        rows = self._fetch("append_message_carried", params)
+        if not rows:
+            # A concurrent writer inserted the same row after this statement's snapshot.
+            rows = self._fetch("append_message_carried", params)
+        if any(inserted for inserted, *_ in rows):
+            return msg
+        for row in rows:
+            existing = _message(row[1:])
+            if existing.seq != msg.seq or not existing.same_content(msg):
+                self._conflict(sid, existing, msg)
+        return msg
+
+    def _conflict(self, sid: str, existing: Message, incoming: Message) -> None:
+        self._fetch(
+            "record_message_conflict",
+            {
+                "session_id": sid,
+                "seq": incoming.seq if incoming.seq is not None else existing.seq,
+                "existing": Jsonb(existing.to_json()),
+                "incoming": Jsonb(incoming.to_json()),
+            },
+        )
+        fields = [
+            f for f in ("seq", "message_id", "role", "content", "tool_call_id")
+            if getattr(existing, f) != getattr(incoming, f)
+        ]
+        raise MessageConflict(
+            sid,
+            incoming.seq if incoming.seq is not None else existing.seq or 0,
+            f"stored message {existing.message_id!r} at seq {existing.seq} differs in "
+            + ", ".join(fields),
+        )
+
+    def upsert_tool_run(self, session_id: str, run: ToolRun | Mapping[str, Any]) -> ToolRun:
+        sid = check_session_id(session_id)
+        record: ToolRun = coerce(ToolRun, run, session_id=sid, where="upsert_tool_run")
+        params = record.model_dump()
+        params.update(session_id=sid, args=Jsonb(record.args), content_hash=record.content_hash())
+        rows = self._fetch("upsert_tool_run", params)
+        if not rows:
+            rows = self._fetch("upsert_tool_run", params)
+        columns = ("tool_call_id", "name", "args", "status", "attempts", "last_error", "updated_at")
+        stored: ToolRun = parse(
+            ToolRun, dict(zip(columns, rows[0])), session_id=sid, where="tool_runs"
+        )
+        return stored
+
+    def put_summary(
+        self, session_id: str, summary: MemorySummary | Mapping[str, Any]
+    ) -> Outcome:
+        sid = check_session_id(session_id)
+        record: MemorySummary = coerce(MemorySummary, summary, session_id=sid, where="put_summary")
+        params = record.model_dump()
+        params["session_id"] = sid
+        row = self._fetchone("put_summary", params)
+        assert row is not None
+        inserted, highest, stored_text = row
+        if inserted:
+            return Outcome.APPLIED if highest is None or record.version > highest else Outcome.STALE
+        return Outcome.UNCHANGED if stored_text == record.text else Outcome.STALE
+
+    def put_checkpoint(
+        self, session_id: str, checkpoint: Checkpoint | Mapping[str, Any]
+    ) -> Outcome:
+        sid = check_session_id(session_id)
+        record: Checkpoint = coerce(Checkpoint, checkpoint, session_id=sid, where="put_checkpoint")
+        params = record.model_dump()
+        params.update(session_id=sid, state=Jsonb(record.state))
+        row = self._fetchone("put_checkpoint", params)
+        assert row is not None
+        inserted, highest, same = row
+        if inserted:
+            return Outcome.APPLIED if highest is None or record.step > highest else Outcome.STALE
+        return Outcome.UNCHANGED if same else Outcome.STALE
+
+    def set_status(
+        self,
+        session_id: str,
+        status: str,
+        *,
+        at: datetime | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> StatusChange:
+        sid = check_session_id(session_id)
+        if status not in LEGAL_TRANSITIONS:
+            raise ValidationError(
+                f"session {sid!r}: unknown status {status!r}; "
+                f"statuses are: {', '.join(LEGAL_TRANSITIONS)}",
+                session_id=sid,
+                where="set_status",
+            )
+        event: Event = coerce(
+            Event,
+            {"to_status": status, "at": at or now(), "data": dict(data or {})},
+            session_id=sid,
+            where="set_status",
+        )
+        params = event.model_dump()
+        params.update(session_id=sid, data=Jsonb(event.data), legal_from=legal_sources(status))
+        row = self._fetchone("set_status_assign", params)
+        if row is None:
+            raise SessionNotFound(sid, "PostgreSQL")
+        current, event_seq, session = row
+        if session is None:
+            raise IllegalTransition(sid, current, status, list(LEGAL_TRANSITIONS[current]))
+        return StatusChange(
+            session=parse(Session, session, session_id=sid, where="sessions"),
+            event=event.model_copy(update={"event_seq": event_seq, "from_status": current}),
+        )
+
+    def apply_status_change(self, change: StatusChange | Mapping[str, Any]) -> Outcome:
+        record: StatusChange = coerce(
+            StatusChange, change, session_id=None, where="apply_status_change"
+        )
+        if record.event.event_seq is None:
+            raise ValidationError(
+                f"session {record.session.session_id!r}: a replicated status change needs "
+                "the event_seq that the primary assigned",
+                session_id=record.session.session_id,
+                where="apply_status_change",
+            )
+        params = record.event.model_dump()
+        params.update(session_id=record.session.session_id, data=Jsonb(record.event.data))
+        self._fetch("record_event", params)
+        return self.save_session(record.session)
+
+
+def _message(row: Row) -> Message:
+    seq, message_id, role, content, ts, tool_call_id = row
+    return Message(
+        seq=seq, message_id=message_id, role=role, content=content, ts=ts, tool_call_id=tool_call_id
+    )
