@@ -12,7 +12,15 @@ from memshift.errors import (
     SessionNotFound,
     ValidationError,
 )
-from memshift.model import Checkpoint, MemorySummary, Message, Session, SessionState, ToolRun
+from memshift.model import (
+    Checkpoint,
+    MemorySummary,
+    Message,
+    Session,
+    SessionState,
+    StatusChange,
+    ToolRun,
+)
 from memshift.stores.base import AsyncStore, Outcome, Store
 
 T0 = datetime(2026, 5, 19, 10, 0, 0, 123456, tzinfo=UTC)
@@ -119,16 +127,9 @@ def test_writing_everything_twice_equals_writing_it_once(store: Store) -> None:
         assert store.put_summary("sess-1", s) == Outcome.UNCHANGED
     for c in once.checkpoints:
         assert store.put_checkpoint("sess-1", c) == Outcome.UNCHANGED
-    event = once.events[0]
-    store.set_status(
-        "sess-1",
-        "waiting_tool",
-        at=event.at,
-        data=event.data,
-        version=once.session.version,
-        event_seq=event.event_seq,
-        from_status=event.from_status,
-    )
+    assert store.apply_status_change(
+        StatusChange(session=once.session, event=once.events[0])
+    ) == Outcome.UNCHANGED
 
     assert loaded(store) == once
 

@@ -7,11 +7,10 @@ applying the log once, in order.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import uuid
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -151,7 +150,11 @@ def shared_store(pg_admin_dsn: str, pg_template: str) -> Iterator[PostgresStore]
 _counter = iter(range(10**9))
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(log=write_logs(), data=st.data())
 def test_any_order_with_duplicates_converges_to_the_ordered_log(
     shared_store: PostgresStore, log: list[tuple[str, Any]], data: st.DataObject

@@ -14,7 +14,8 @@ def queries() -> dict[str, bytes]:
     text = resources.files("memshift.sql").joinpath("queries.sql").read_text(encoding="utf-8")
     parts = _NAME.split(text)
     # parts = [preamble, name1, body1, name2, body2, ...]
-    return {name: body.strip().encode("utf-8") for name, body in zip(parts[1::2], parts[2::2])}
+    pairs = zip(parts[1::2], parts[2::2], strict=True)
+    return {name: body.strip().encode("utf-8") for name, body in pairs}
 
 
 def query(name: str) -> bytes:

@@ -14,6 +14,7 @@ from datetime import datetime
 from importlib import resources
 
 import psycopg
+from psycopg.rows import class_row
 
 from memshift.errors import SchemaError, StoreUnavailable
 from memshift.redact import redact
@@ -94,10 +95,12 @@ def _applied(conn: psycopg.Connection[tuple[object, ...]]) -> list[AppliedMigrat
     exists = conn.execute("SELECT to_regclass('memshift.schema_version')").fetchone()
     if not exists or exists[0] is None:
         return []
-    rows = conn.execute(
-        "SELECT version, name, checksum, applied_at FROM memshift.schema_version ORDER BY version"
-    ).fetchall()
-    return [AppliedMigration(int(v), str(n), str(c), a) for v, n, c, a in rows]  # type: ignore[arg-type]
+    with conn.cursor(row_factory=class_row(AppliedMigration)) as cur:
+        cur.execute(
+            "SELECT version, name, checksum, applied_at "
+            "FROM memshift.schema_version ORDER BY version"
+        )
+        return cur.fetchall()
 
 
 def _status(conn: psycopg.Connection[tuple[object, ...]]) -> SchemaStatus:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from redis import Redis
+from redis.client import Pipeline
 from redis.commands.core import Script as ScriptHandle
 
-__all__ = ["Redis", "ScriptHandle", "close_client"]
+__all__ = ["Redis", "ScriptHandle", "close_client", "queue_command"]
 
 
 def close_client(client: Redis) -> None:
     client.close()
+
+
+def queue_command(pipe: Pipeline, command: tuple[Any, ...]) -> None:
+    """Add one command to a pipeline (sent on ``execute``)."""
+    pipe.execute_command(*command)  # type: ignore[no-untyped-call]

@@ -1,3 +1,4 @@
+# Generated from ../_async/postgres.py by tools/gen_sync.py: do not edit.
 """PostgreSQL store: the new truth. Every write is one guarded statement of queries.sql.
 
 The sync ``PostgresStore`` is generated from this file by tools/gen_sync.py.
@@ -75,7 +76,7 @@ class PostgresStore:
             )
             self._owns_pool = True
         else:
-            self._dsn = dsn_or_pool.conninfo
+            self._dsn = str(dsn_or_pool.conninfo)
             self._pool = dsn_or_pool
             self._owns_pool = False
         self._check_schema = check_schema
@@ -262,7 +263,7 @@ class PostgresStore:
             rows = self._fetch("upsert_tool_run", params)
         columns = ("tool_call_id", "name", "args", "status", "attempts", "last_error", "updated_at")
         stored: ToolRun = parse(
-            ToolRun, dict(zip(columns, rows[0])), session_id=sid, where="tool_runs"
+            ToolRun, dict(zip(columns, rows[0], strict=True)), session_id=sid, where="tool_runs"
         )
         return stored
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,12 @@ from memshift.model import (
     Message,
     Session,
     SessionState,
+    StatusChange,
     ToolRun,
     legal_sources,
     now,
     parse,
+    placeholder_session,
 )
 from memshift.stores.layouts import ScriptCall
 from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
@@ -83,7 +85,6 @@ HASH_FIELDS = (
 ID_CHECK_WINDOW = 256
 _GLOB = re.compile(r"([*?\[\]\\])")
 _DIGITS = re.compile(r"\d+")
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class ReferenceLayout:
@@ -148,39 +149,38 @@ class ReferenceLayout:
         keys = self.session_keys(session_id)
         reader = _Reader(session_id)
         trimmed = reader.count(fields.get(b"messages_trimmed"), keys[0], "messages_trimmed")
-        messages = tuple(
-            self._message(reader, keys[1], f"index {i}", trimmed + i, raw)
-            for i, raw in enumerate(raw_messages)
+        parts = SessionState(
+            session=Session(session_id=session_id),
+            messages=tuple(
+                self._message(reader, keys[1], f"index {i}", trimmed + i, raw)
+                for i, raw in enumerate(raw_messages)
+            ),
+            tool_runs=tuple(
+                sorted(
+                    (self._tool_run(reader, keys[2], k, raw) for k, raw in tool_pairs.items()),
+                    key=lambda t: t.tool_call_id,
+                )
+            ),
+            summaries=() if summary_raw is None else (self._summary(reader, keys[3], summary_raw),),
+            checkpoints=()
+            if checkpoint_raw is None
+            else (self._checkpoint(reader, keys[4], checkpoint_raw),),
+            events=tuple(
+                self._event(reader, keys[5], i, entry) for i, entry in enumerate(raw_events)
+            ),
         )
-        session = self._session(reader, keys[0], fields, messages, ttl)
-        tool_runs = tuple(
-            sorted(
-                (self._tool_run(reader, keys[2], name, raw) for name, raw in tool_pairs.items()),
-                key=lambda t: t.tool_call_id,
-            )
-        )
-        summaries = () if summary_raw is None else (self._summary(reader, keys[3], summary_raw),)
-        checkpoints = (
-            () if checkpoint_raw is None else (self._checkpoint(reader, keys[4], checkpoint_raw),)
-        )
-        events = tuple(
-            self._event(reader, keys[5], i, entry) for i, entry in enumerate(raw_events)
-        )
-        return SessionState(
-            session=session,
-            messages=messages,
-            tool_runs=tool_runs,
-            summaries=summaries,
-            checkpoints=checkpoints,
-            events=events,
-        )
+        if not fields:
+            session = placeholder_session(session_id, parts.timestamps())
+        else:
+            session = self._session(reader, keys[0], fields, parts.timestamps(), ttl)
+        return parts.model_copy(update={"session": session})
 
     def _session(
         self,
         reader: _Reader,
         key: str,
-        fields: Mapping[bytes, Any],
-        messages: tuple[Message, ...],
+        fields: Mapping[Any, Any],
+        seen: list[datetime],
         ttl: Any,
     ) -> Session:
         text = {reader.field_name(key, name): value for name, value in fields.items()}
@@ -198,14 +198,17 @@ class ReferenceLayout:
                 where = f"field {name!r}"
                 data[name] = reader.timestamp(reader.text(text[name], key, where), key, where)
         if "metadata" in text:
-            data["metadata"] = reader.json(text["metadata"], key, "field 'metadata'")
-        first = messages[0].ts if messages else _EPOCH
-        last = messages[-1].ts if messages else _EPOCH
-        data.setdefault("created_at", data.get("updated_at", first))
-        data.setdefault("updated_at", max(data["created_at"], last))
+            data["metadata"] = reader.json_object(text["metadata"], key, "field 'metadata'")
+        # Missing times: each other's, else as old as the oldest part (placeholder_session).
+        oldest = min(seen, default=None)
+        data.setdefault("created_at", data.get("updated_at", oldest))
+        data.setdefault("updated_at", data["created_at"])
+        if data["created_at"] is None:
+            del data["created_at"], data["updated_at"]
         if isinstance(ttl, int) and ttl > 0:
             data["expires_at"] = now() + timedelta(milliseconds=ttl)
-        return parse(Session, data, session_id=reader.session_id, where=f"key {key!r}")
+        session: Session = parse(Session, data, session_id=reader.session_id, where=f"key {key!r}")
+        return session
 
     def _message(self, reader: _Reader, key: str, where: str, seq: int, raw: Any) -> Message:
         obj = reader.json_object(raw, key, where)
@@ -221,7 +224,10 @@ class ReferenceLayout:
                 data[name] = value
         if "ts" not in data:
             raise reader.error(key, where, "has no 'ts' member")
-        return parse(Message, data, session_id=reader.session_id, where=f"key {key!r} {where}")
+        message: Message = parse(
+            Message, data, session_id=reader.session_id, where=f"key {key!r} {where}"
+        )
+        return message
 
     def _tool_run(self, reader: _Reader, key: str, name: Any, raw: Any) -> ToolRun:
         tool_call_id = reader.field_name(key, name)
@@ -229,24 +235,36 @@ class ReferenceLayout:
         obj = reader.json_object(raw, key, where)
         if "tool_call_id" in obj:
             raise reader.error(key, f"{where} member 'tool_call_id'", "is not a member here")
-        data: dict[str, Any] = {"tool_call_id": tool_call_id, **obj}
-        if "updated_at" in obj:
-            data["updated_at"] = reader.timestamp(obj["updated_at"], key, f"{where} member 'updated_at'")
-        else:
+        if "updated_at" not in obj:
             raise reader.error(key, where, "has no 'updated_at' member")
-        return parse(ToolRun, data, session_id=reader.session_id, where=f"key {key!r} {where}")
+        data: dict[str, Any] = {"tool_call_id": tool_call_id, **obj}
+        data["updated_at"] = reader.timestamp(
+            obj["updated_at"], key, f"{where} member 'updated_at'"
+        )
+        run: ToolRun = parse(
+            ToolRun, data, session_id=reader.session_id, where=f"key {key!r} {where}"
+        )
+        return run
 
     def _summary(self, reader: _Reader, key: str, raw: Any) -> MemorySummary:
         obj = reader.json_object(raw, key, "value")
-        if "updated_at" in obj:
-            obj["updated_at"] = reader.timestamp(obj["updated_at"], key, "member 'updated_at'")
-        return parse(MemorySummary, obj, session_id=reader.session_id, where=f"key {key!r}")
+        if "updated_at" not in obj:
+            raise reader.error(key, "value", "has no 'updated_at' member")
+        obj["updated_at"] = reader.timestamp(obj["updated_at"], key, "member 'updated_at'")
+        summary: MemorySummary = parse(
+            MemorySummary, obj, session_id=reader.session_id, where=f"key {key!r}"
+        )
+        return summary
 
     def _checkpoint(self, reader: _Reader, key: str, raw: Any) -> Checkpoint:
         obj = reader.json_object(raw, key, "value")
-        if "created_at" in obj:
-            obj["created_at"] = reader.timestamp(obj["created_at"], key, "member 'created_at'")
-        return parse(Checkpoint, obj, session_id=reader.session_id, where=f"key {key!r}")
+        if "created_at" not in obj:
+            raise reader.error(key, "value", "has no 'created_at' member")
+        obj["created_at"] = reader.timestamp(obj["created_at"], key, "member 'created_at'")
+        checkpoint: Checkpoint = parse(
+            Checkpoint, obj, session_id=reader.session_id, where=f"key {key!r}"
+        )
+        return checkpoint
 
     def _event(self, reader: _Reader, key: str, index: int, entry: Any) -> Event:
         entry_id, raw_fields = entry
@@ -266,7 +284,14 @@ class ReferenceLayout:
         data["at"] = reader.timestamp(at, key, f"{where} field 'at'")
         if "data" in fields:
             data["data"] = reader.json(fields["data"], key, f"{where} field 'data'")
-        return parse(Event, data, session_id=reader.session_id, where=f"key {key!r} {where}")
+        event: Event = parse(
+            Event, data, session_id=reader.session_id, where=f"key {key!r} {where}"
+        )
+        return event
+
+    def session_from_reply(self, session_id: str, fields: Any, ttl: Any) -> Session:
+        key = self.session_keys(session_id)[0]
+        return self._session(_Reader(session_id), key, _pairs(fields), [], ttl)
 
     def message_from_reply(self, session_id: str, seq: int, raw: bytes) -> Message:
         key = self.session_keys(session_id)[1]
@@ -279,32 +304,8 @@ class ReferenceLayout:
     # -- writes -----------------------------------------------------------------------
 
     def save_session(self, session: Session, ttl_ms: int) -> ScriptCall:
-        values: dict[str, str | None] = {
-            "tenant_id": session.tenant_id,
-            "user_id": session.user_id,
-            "status": session.status,
-            "version": str(session.version),
-            "created_at": format_timestamp(session.created_at),
-            "updated_at": format_timestamp(session.updated_at),
-            "metadata": _dumps(session.metadata),
-            "expires_at": None if session.expires_at is None else format_timestamp(
-                session.expires_at
-            ),
-        }
-        present = [(k, v) for k, v in values.items() if v is not None]
-        absent = [k for k, v in values.items() if v is None]
         return ScriptCall(
-            "save_session",
-            self.session_keys(session.session_id),
-            [
-                ttl_ms,
-                str(session.version),
-                values["updated_at"],
-                str(session.messages_trimmed),
-                len(present),
-                *(item for pair in present for item in pair),
-                *absent,
-            ],
+            "save_session", self.session_keys(session.session_id), [ttl_ms, *_session_args(session)]
         )
 
     def append_message(self, session_id: str, message: Message, ttl_ms: int) -> ScriptCall:
@@ -368,9 +369,7 @@ class ReferenceLayout:
             [ttl_ms, _dumps(body), str(summary.version)],
         )
 
-    def put_checkpoint(
-        self, session_id: str, checkpoint: Checkpoint, ttl_ms: int
-    ) -> ScriptCall:
+    def put_checkpoint(self, session_id: str, checkpoint: Checkpoint, ttl_ms: int) -> ScriptCall:
         body = {
             "checkpoint_id": checkpoint.checkpoint_id,
             "parent_id": checkpoint.parent_id,
@@ -394,19 +393,57 @@ class ReferenceLayout:
         event_seq: int | None,
         ttl_ms: int,
     ) -> ScriptCall:
+        if version is not None or event_seq is not None:
+            raise ValueError(
+                "set_status is the primary's call and assigns version and event_seq; "
+                "replicate a change with apply_status_change"
+            )
         return ScriptCall(
             "set_status",
             self.session_keys(session_id),
+            [ttl_ms, status, at, data, ",".join(legal_sources(status))],
+        )
+
+    def apply_status_change(self, change: StatusChange, ttl_ms: int) -> ScriptCall:
+        event = change.event
+        return ScriptCall(
+            "apply_status_change",
+            self.session_keys(change.session.session_id),
             [
                 ttl_ms,
-                status,
-                at,
-                data,
-                -1 if version is None else version,
-                -1 if event_seq is None else event_seq,
-                ",".join(legal_sources(status)),
+                event.event_seq,
+                event.type,
+                event.from_status or "",
+                event.to_status or "",
+                format_timestamp(event.at),
+                _dumps(event.data),
+                *_session_args(change.session),
             ],
         )
+
+
+def _session_args(session: Session) -> list[Any]:
+    """The arguments of save_session_fields (common.lua) for this session record."""
+    values: dict[str, str | None] = {
+        "tenant_id": session.tenant_id,
+        "user_id": session.user_id,
+        "status": session.status,
+        "version": str(session.version),
+        "created_at": format_timestamp(session.created_at),
+        "updated_at": format_timestamp(session.updated_at),
+        "metadata": _dumps(session.metadata),
+        "expires_at": None if session.expires_at is None else format_timestamp(session.expires_at),
+    }
+    present = [(k, v) for k, v in values.items() if v is not None]
+    return [
+        values["version"],
+        values["updated_at"],
+        values["created_at"],
+        str(session.messages_trimmed),
+        len(present),
+        *(item for pair in present for item in pair),
+        *(k for k, v in values.items() if v is None),
+    ]
 
 
 def _dumps(value: Any) -> str:

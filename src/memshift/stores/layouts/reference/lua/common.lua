@@ -189,3 +189,78 @@ local function plain(v)
   end
   return v
 end
+
+-- Write the session hash if the write is newer: a greater version, or the same
+-- version with a later updated_at (as PostgreSQL's save_session does). Whoever wins,
+-- messages_trimmed and updated_at only grow and created_at only shrinks.
+-- ARGV from `first` on: version, updated_at, created_at (fixed-width ISO),
+-- messages_trimmed, n, then n field/value pairs to set, then fields to delete.
+-- Returns the outcome, or an 'invalid' reply.
+local function save_session_fields(first)
+  local version, updated_at, created_at = ARGV[first], ARGV[first + 1], ARGV[first + 2]
+  local trimmed, n = ARGV[first + 3], tonumber(ARGV[first + 4])
+  local stored = redis.call('HMGET', KEYS[1], 'version', 'updated_at', 'created_at',
+    'messages_trimmed')
+  local stored_version, stored_updated, stored_created, stored_trimmed =
+    stored[1], stored[2], stored[3], stored[4]
+  local updated_ts = norm_ts(stored_updated)
+  local created_ts = norm_ts(stored_created)
+  if stored_version and not is_uint(stored_version) then
+    return invalid(KEYS[1], 'version', 'is not a non-negative integer')
+  end
+  if stored_trimmed and not is_uint(stored_trimmed) then
+    return invalid(KEYS[1], 'messages_trimmed', 'is not a non-negative integer')
+  end
+  if stored_updated and not updated_ts then
+    return invalid(KEYS[1], 'updated_at', 'is not a timestamp that can be compared')
+  end
+  if stored_created and not created_ts then
+    return invalid(KEYS[1], 'created_at', 'is not a timestamp that can be compared')
+  end
+
+  -- A hash without a version reads as version 0, without updated_at as older than any.
+  if not stored_version and redis.call('EXISTS', KEYS[1]) == 1 then
+    stored_version = '0'
+  end
+  local order = 1
+  if stored_version then
+    order = cmp_uint(version, stored_version)
+    if order == 0 then
+      if not updated_ts or updated_at > updated_ts then
+        order = 1
+      elseif updated_at < updated_ts then
+        order = -1
+      end
+    end
+  end
+  local outcome = order == 0 and 'unchanged' or 'stale'
+  if order > 0 then
+    local fields = {}
+    for i = first + 5, first + 4 + 2 * n do
+      fields[#fields + 1] = ARGV[i]
+    end
+    redis.call('HSET', KEYS[1], unpack(fields))
+    for i = first + 5 + 2 * n, #ARGV do
+      redis.call('HDEL', KEYS[1], ARGV[i])
+    end
+    if updated_ts and updated_ts > updated_at then
+      redis.call('HSET', KEYS[1], 'updated_at', stored_updated)
+    end
+    if created_ts and created_ts < created_at then
+      redis.call('HSET', KEYS[1], 'created_at', stored_created)
+    end
+    outcome = 'applied'
+  end
+
+  local grows
+  if stored_trimmed then
+    grows = cmp_uint(trimmed, stored_trimmed) > 0
+  else
+    grows = order > 0 or cmp_uint(trimmed, '0') > 0
+  end
+  if grows then
+    redis.call('HSET', KEYS[1], 'messages_trimmed', trimmed)
+    outcome = 'applied'
+  end
+  return outcome
+end

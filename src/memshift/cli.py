@@ -1,0 +1,240 @@
+"""The ``memshift`` command line. Library code raises; only this module prints errors.
+
+Settings come from flags, then ``MEMSHIFT_*`` environment variables, then
+``memshift.toml``; see ``memshift config``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from memshift import __version__
+from memshift.config import Settings, describe, load_settings
+from memshift.errors import ConfigError, MemshiftError
+from memshift.redact import redact
+
+app = typer.Typer(
+    name="memshift",
+    help=(
+        "Move an AI agent's session memory from Redis to PostgreSQL while the product "
+        "is live: dual-write, backfill, parity checks and sliced read cutover.\n\n"
+        "Start with `memshift demo` (no servers needed), then `memshift db upgrade`."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Create and inspect the memshift schema in PostgreSQL.")
+app.add_typer(db_app, name="db", no_args_is_help=True)
+
+out = Console()
+err = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"memshift {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            help="Redis holding the legacy sessions [env MEMSHIFT_REDIS_URL].",
+            show_default=False,
+        ),
+    ] = None,
+    postgres_dsn: Annotated[
+        str | None,
+        typer.Option(
+            "--postgres-dsn",
+            help="PostgreSQL to migrate into [env MEMSHIFT_POSTGRES_DSN].",
+            show_default=False,
+        ),
+    ] = None,
+    layout: Annotated[
+        str | None,
+        typer.Option(
+            "--layout", help="Redis key layout [env MEMSHIFT_LAYOUT; default reference]."
+        ),
+    ] = None,
+    prefix: Annotated[
+        str | None,
+        typer.Option("--prefix", help="Redis key prefix [env MEMSHIFT_PREFIX; default agent]."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Settings file [default ./memshift.toml if present]."),
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    ctx.obj = {
+        "overrides": {
+            "redis_url": redis_url,
+            "postgres_dsn": postgres_dsn,
+            "layout": layout,
+            "prefix": prefix,
+        },
+        "config": config,
+    }
+
+
+def settings_of(ctx: typer.Context) -> Settings:
+    obj: dict[str, Any] = ctx.find_root().obj or {}
+    return load_settings(obj.get("overrides", {}), config_file=obj.get("config"))
+
+
+def need_postgres(settings: Settings) -> str:
+    if not settings.postgres_dsn:
+        raise ConfigError(
+            "no PostgreSQL given: pass --postgres-dsn, set MEMSHIFT_POSTGRES_DSN, or put "
+            "postgres_dsn in memshift.toml (e.g. postgresql://user@localhost:5432/app)"
+        )
+    return settings.postgres_dsn
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str, ensure_ascii=False) + "\n")
+
+
+@app.command("config")
+def show_config(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Show the settings in effect (passwords hidden) and where each can be set."""
+    shown = describe(settings_of(ctx))
+    if as_json:
+        emit_json(shown)
+        return
+    table = Table("setting", "value", title="memshift settings")
+    for key, value in shown.items():
+        table.add_row(key, "—" if value is None else str(value))
+    out.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Apply the schema migrations PostgreSQL lacks (safe to run twice, or at once)."""
+    from memshift.sql.migrations import status, upgrade
+
+    dsn = need_postgres(settings_of(ctx))
+    applied = upgrade(dsn)
+    version = status(dsn).current
+    if as_json:
+        emit_json({"applied": [f"{m.version:04d}_{m.name}" for m in applied], "version": version})
+        return
+    for migration in applied:
+        out.print(f"applied {migration.version:04d}_{migration.name}")
+    out.print(f"schema memshift is at version {version} ({redact(dsn)})")
+
+
+@db_app.command("status")
+def db_status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Show the schema version and any pending migrations. Exit 1 when behind."""
+    from memshift.sql.migrations import status
+
+    dsn = need_postgres(settings_of(ctx))
+    state = status(dsn)
+    if as_json:
+        emit_json(
+            {
+                "version": state.current,
+                "latest": state.latest,
+                "up_to_date": state.up_to_date,
+                "pending": [f"{m.version:04d}_{m.name}" for m in state.pending],
+                "modified": state.modified,
+            }
+        )
+    else:
+        table = Table(
+            "version", "migration", "applied at", title=f"memshift schema ({redact(dsn)})"
+        )
+        for done in state.applied:
+            table.add_row(str(done.version), done.name, done.applied_at.isoformat())
+        for todo in state.pending:
+            table.add_row(str(todo.version), todo.name, "[yellow]pending[/]")
+        out.print(table)
+        if state.pending:
+            out.print("[yellow]run `memshift db upgrade` to apply the pending migrations[/]")
+    if not state.up_to_date:
+        raise typer.Exit(1)
+
+
+@app.command("generate")
+def generate_cmd(
+    ctx: typer.Context,
+    sessions: Annotated[int, typer.Option("--sessions", "-n", min=1, help="How many.")] = 100,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same sessions.")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write realistic legacy sessions into Redis in the reference layout.
+
+    Trimmed transcripts, tool runs mid-retry, several summary versions, checkpoint
+    chains, status events, and a TTL on some sessions.
+    """
+    from memshift.demo import generate_into_redis
+
+    settings = settings_of(ctx)
+    if not settings.redis_url:
+        raise ConfigError(
+            "no Redis given: pass --redis-url or set MEMSHIFT_REDIS_URL "
+            "(e.g. redis://localhost:6379/0)"
+        )
+    counts = generate_into_redis(settings, sessions, seed, console=err, quiet=as_json)
+    if as_json:
+        emit_json(counts)
+    else:
+        out.print(
+            f"wrote {counts['sessions']} sessions ({counts['messages']} messages) "
+            f"under prefix {settings.prefix!r}"
+        )
+
+
+@app.command("demo")
+def demo_cmd(
+    ctx: typer.Context,
+    sessions: Annotated[int, typer.Option("--sessions", "-n", min=1, help="How many.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same sessions.")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run memshift end to end on generated sessions.
+
+    With no PostgreSQL or Redis given, starts embedded ones (real servers, in
+    --data-dir .memshift) and stops them at the end.
+    """
+    from memshift.demo import run_demo
+
+    report = run_demo(settings_of(ctx), sessions=sessions, seed=seed, console=out, quiet=as_json)
+    if as_json:
+        emit_json(report)
+
+
+def main() -> None:
+    """Entry point: usage errors are typer's; memshift errors become a message and code."""
+    try:
+        app()
+    except MemshiftError as exc:
+        err.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+# Generated from ../_async/redis.py by tools/gen_sync.py: do not edit.
+"""The Redis store: the legacy truth, read and written through a layout adapter.
+
+Reads are one pipelined round trip of the layout's read commands; every write is one
+Lua script of the layout (loaded once, then called by SHA) that applies the
+monotonic rules of DESIGN §2 atomically inside Redis. Inputs are validated before
+any I/O, so a bad argument changes nothing.
+
+Written once, async; the sync ``RedisStore`` is generated from this file by
+``tools/gen_sync.py``, so nothing here may differ between the two but
+``async``/``await`` and the names that script swaps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Generator, Mapping
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from memshift.errors import (
+    ConfigError,
+    IllegalTransition,
+    MemshiftError,
+    MessageConflict,
+    SeqGap,
+    SessionNotFound,
+    StoreUnavailable,
+    ValidationError,
+)
+from memshift.model import (
+    LEGAL_TRANSITIONS,
+    SESSION_STATUSES,
+    Checkpoint,
+    Event,
+    MemorySummary,
+    Message,
+    Session,
+    SessionState,
+    StatusChange,
+    ToolRun,
+    check_session_id,
+    coerce,
+    merge_tool_runs,
+    now,
+    parse,
+)
+from memshift.stores.base import Outcome
+from memshift.stores.layouts import Layout, ScriptCall, get_layout
+from memshift.stores.layouts.scripted import ScriptedLayout
+from memshift.stores.layouts.timestamps import format_timestamp
+
+from ._clients import Redis, ScriptHandle, close_client, queue_command
+
+__all__ = ["RedisStore"]
+
+# A tool-run merge that Python decides is written only if the stored record did not
+# change meanwhile; under contention it is retried this many times.
+_MAX_MERGE_ROUNDS = 16
+
+
+class RedisStore:
+    """A :class:`~memshift.stores.base.AsyncStore` over Redis keys in a given layout.
+
+    ``client_or_url`` is a client (left open on :meth:`close`) or a ``redis://`` URL
+    (the store owns that client). The client must return bytes
+    (``decode_responses=False``), since values are checked as strict UTF-8 here.
+    ``ttl_seconds`` is refreshed on every key of a session at every write; ``None``
+    keeps the TTL the session already has.
+    """
+
+    name = "redis"
+
+    def __init__(
+        self,
+        client_or_url: Redis | str,
+        *,
+        layout: Layout | str = "reference",
+        prefix: str = "agent",
+        ttl_seconds: int | None = None,
+    ) -> None:
+        if ttl_seconds is not None and (
+            isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
+        ):
+            raise ConfigError(
+                f"ttl_seconds must be a whole number of seconds above 0, or None to keep "
+                f"the TTL sessions already have; got {ttl_seconds!r}"
+            )
+        chosen = get_layout(layout, prefix) if isinstance(layout, str) else layout
+        if not isinstance(chosen, ScriptedLayout):
+            raise ConfigError(
+                f"Redis layout {chosen.name!r} does not decode script replies "
+                "(see memshift.stores.layouts.scripted.ScriptedLayout)"
+            )
+        self._layout: ScriptedLayout = chosen
+        self._ttl_ms = 0 if ttl_seconds is None else ttl_seconds * 1000
+        if isinstance(client_or_url, str):
+            self._client = Redis.from_url(client_or_url, decode_responses=False)
+            self._owns_client = True
+        else:
+            self._client = client_or_url
+            self._owns_client = False
+        kwargs = self._client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
+            raise ConfigError(
+                "the Redis client decodes responses; give one made with "
+                "decode_responses=False, so that values are checked as strict UTF-8"
+            )
+        self._scripts: dict[str, ScriptHandle] = {}
+
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    def close(self) -> None:
+        if self._owns_client:
+            close_client(self._client)
+
+    def __enter__(self) -> RedisStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- reads ------------------------------------------------------------------------
+
+    def load_session(self, session_id: str) -> SessionState | None:
+        sid = check_session_id(session_id)
+        commands = self._layout.read_commands(sid)
+        with self._reaching():
+            pipe = self._client.pipeline(transaction=False)
+            for command in commands:
+                queue_command(pipe, command)
+            replies = pipe.execute(raise_on_error=False)
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                raise ValidationError(
+                    f"session {sid!r}, key {command[1]!r}: Redis refused {command[0]} ({reply}); "
+                    "the key holds a type the layout does not expect",
+                    session_id=sid,
+                    where=f"key {command[1]!r}",
+                )
+        return self._layout.decode(sid, list(replies))
+
+    def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]:
+        """Every session id, by SCAN over session hashes (never KEYS); may repeat ids."""
+        pattern = self._layout.scan_pattern()
+        cursor = 0
+        while True:
+            with self._reaching():
+                cursor, keys = self._client.scan(
+                    cursor, match=pattern, count=batch_size, _type="hash"
+                )
+            for key in keys:
+                raw = key if isinstance(key, bytes) else str(key).encode()
+                session_id = self._layout.session_id_from_key(raw)
+                if session_id is not None:
+                    yield session_id
+            if cursor == 0:
+                return
+
+    # -- writes -----------------------------------------------------------------------
+
+    def save_session(self, session: Session | Mapping[str, Any]) -> Outcome:
+        record: Session = coerce(Session, session, session_id=None, where="session")
+        check_session_id(record.session_id)
+        reply = self._run(record.session_id, self._layout.save_session(record, self._ttl_ms))
+        return Outcome(_text(reply[0]))
+
+    def append_message(
+        self, session_id: str, message: Message | Mapping[str, Any]
+    ) -> Message:
+        sid = check_session_id(session_id)
+        record: Message = coerce(Message, message, session_id=sid, where="message")
+        reply = self._run(sid, self._layout.append_message(sid, record, self._ttl_ms))
+        kind, seq = _text(reply[0]), int(reply[1])
+        if kind == "appended":
+            return record.model_copy(update={"seq": seq})
+        if kind == "duplicate":
+            return self._layout.message_from_reply(sid, seq, reply[2])
+        if kind == "trimmed":
+            # Below the trimmed part nothing can be compared; a replayed write of a
+            # message the legacy app already trimmed away is the only way here.
+            return record.model_copy(update={"seq": seq})
+        if kind == "gap":
+            raise SeqGap(sid, record.seq if record.seq is not None else seq, seq, self.name)
+        stored = self._layout.message_from_reply(sid, seq, reply[2])
+        if _text(reply[3]) == "id":
+            detail = f"message id {record.message_id!r} is already stored at seq {seq}"
+            raise MessageConflict(sid, record.seq if record.seq is not None else seq, detail)
+        differ = [
+            name
+            for name in ("message_id", "role", "content", "tool_call_id")
+            if getattr(stored, name) != getattr(record, name)
+        ]
+        raise MessageConflict(sid, seq, f"{', '.join(differ)} differ")
+
+    def upsert_tool_run(self, session_id: str, run: ToolRun | Mapping[str, Any]) -> ToolRun:
+        sid = check_session_id(session_id)
+        record: ToolRun = coerce(ToolRun, run, session_id=sid, where="tool run")
+        call = self._layout.upsert_tool_run(sid, record, self._ttl_ms)
+        for _ in range(_MAX_MERGE_ROUNDS):
+            reply = self._run(sid, call)
+            stored = self._layout.tool_run_from_reply(sid, record.tool_call_id, reply[1])
+            if _text(reply[0]) != "compare":
+                return stored
+            merged = merge_tool_runs(stored, record)
+            if merged == stored:
+                return stored
+            call = self._layout.replace_tool_run(sid, record, reply[1], merged, self._ttl_ms)
+        raise MemshiftError(
+            f"session {sid!r}: tool run {record.tool_call_id!r} changed under "
+            f"{_MAX_MERGE_ROUNDS} merges in a row; retry the write"
+        )
+
+    def put_summary(
+        self, session_id: str, summary: MemorySummary | Mapping[str, Any]
+    ) -> Outcome:
+        sid = check_session_id(session_id)
+        record: MemorySummary = coerce(MemorySummary, summary, session_id=sid, where="summary")
+        reply = self._run(sid, self._layout.put_summary(sid, record, self._ttl_ms))
+        return Outcome(_text(reply[0]))
+
+    def put_checkpoint(
+        self, session_id: str, checkpoint: Checkpoint | Mapping[str, Any]
+    ) -> Outcome:
+        sid = check_session_id(session_id)
+        record: Checkpoint = coerce(Checkpoint, checkpoint, session_id=sid, where="checkpoint")
+        reply = self._run(sid, self._layout.put_checkpoint(sid, record, self._ttl_ms))
+        return Outcome(_text(reply[0]))
+
+    def set_status(
+        self,
+        session_id: str,
+        status: str,
+        *,
+        at: datetime | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> StatusChange:
+        sid = check_session_id(session_id)
+        if status not in SESSION_STATUSES:
+            raise ValidationError(
+                f"session {sid!r}: unknown status {status!r}; "
+                f"known statuses: {', '.join(SESSION_STATUSES)}",
+                session_id=sid,
+                where="status",
+            )
+        event: Event = parse(
+            Event,
+            {"to_status": status, "at": now() if at is None else at, "data": dict(data or {})},
+            session_id=sid,
+            where="status event",
+        )
+        call = self._layout.set_status(
+            sid,
+            status,
+            format_timestamp(event.at),
+            json.dumps(event.data, ensure_ascii=False, separators=(",", ":")),
+            None,
+            None,
+            self._ttl_ms,
+        )
+        reply = self._run(sid, call)
+        kind = _text(reply[0])
+        if kind == "missing":
+            raise SessionNotFound(sid, self.name)
+        if kind == "illegal":
+            current = _text(reply[1])
+            raise IllegalTransition(sid, current, status, list(LEGAL_TRANSITIONS.get(current, ())))
+        change: StatusChange = parse(
+            StatusChange,
+            {
+                "session": self._layout.session_from_reply(sid, reply[4], reply[5]),
+                "event": event.model_copy(
+                    update={"event_seq": int(reply[2]), "from_status": _text(reply[3])}
+                ),
+            },
+            session_id=sid,
+            where="status change",
+        )
+        return change
+
+    def apply_status_change(self, change: StatusChange | Mapping[str, Any]) -> Outcome:
+        record: StatusChange = coerce(StatusChange, change, session_id=None, where="status change")
+        sid = check_session_id(record.session.session_id)
+        event_seq = record.event.event_seq
+        if event_seq is None:
+            raise ValidationError(
+                f"session {sid!r}: a replicated status change needs the event_seq that the "
+                "primary assigned",
+                session_id=sid,
+                where="apply_status_change",
+            )
+        reply = self._run(sid, self._layout.apply_status_change(record, self._ttl_ms))
+        if _text(reply[0]) == "gap":
+            raise MemshiftError(
+                f"session {sid!r}: event_seq {event_seq} would leave a gap in {self.name} "
+                f"(next event_seq is {int(reply[1])}); nothing was written: let the repair "
+                "worker copy the session from the primary"
+            )
+        return Outcome(_text(reply[0]))
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _run(self, session_id: str, call: ScriptCall) -> list[Any]:
+        script = self._scripts.get(call.script)
+        if script is None:
+            text = _script_text(self._layout.script_dir(), call.script)
+            script = self._client.register_script(text)
+            self._scripts[call.script] = script
+        with self._reaching():
+            try:
+                reply = script(keys=call.keys, args=call.args)
+            except ResponseError as exc:
+                raise ValidationError(
+                    f"session {session_id!r}: Redis refused {call.script} ({exc}); "
+                    f"one of the keys {call.keys!r} holds a type the layout does not expect",
+                    session_id=session_id,
+                    where=call.script,
+                ) from None
+        result = list(reply)
+        if result and _text(result[0]) == "invalid":
+            key, field, what = (_text(part) for part in result[1:4])
+            place = f"key {key!r} field {field!r}"
+            raise ValidationError(
+                f"session {session_id!r}, {place}: {what}; {call.script} wrote nothing",
+                session_id=session_id,
+                where=place,
+            )
+        return result
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Generator[None, None, None]:
+        """Turn a connection failure into StoreUnavailable naming the server, not secrets."""
+        try:
+            yield
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            kwargs = self._client.connection_pool.connection_kwargs
+            where = (
+                f"unix socket {kwargs['path']}"
+                if kwargs.get("path")
+                else f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+            )
+            detail = str(exc)
+            password = kwargs.get("password")
+            if password:
+                detail = detail.replace(str(password), "***")
+            raise StoreUnavailable(
+                f"Redis at {where} cannot be reached ({type(exc).__name__}: {detail}); "
+                "check that it runs and that the URL is right"
+            ) from None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    return str(value)
+
+
+@cache
+def _script_text(folder: Path, name: str) -> str:
+    """The script with the layout's shared helpers (``common.lua``) in front of it."""
+    common = folder / "common.lua"
+    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    if common.exists():
+        return f"{common.read_text(encoding='utf-8')}\n{body}"
+    return body
