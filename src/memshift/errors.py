@@ -91,6 +91,22 @@ class SeqGap(MemshiftError):
         self.next_seq = next_seq
 
 
+class EventGap(MemshiftError):
+    """A replicated status event beyond the next event_seq, in a store that cannot hold gaps."""
+
+    exit_code = 6
+
+    def __init__(self, session_id: str, event_seq: int, next_event_seq: int, store: str):
+        super().__init__(
+            f"session {session_id!r}: event_seq {event_seq} would leave a gap in {store} "
+            f"(next event_seq is {next_event_seq}); nothing was written: let the repair "
+            "worker copy the session from the primary"
+        )
+        self.session_id = session_id
+        self.event_seq = event_seq
+        self.next_event_seq = next_event_seq
+
+
 class SchemaError(MemshiftError):
     """The PostgreSQL schema is missing or older than this code expects."""
 

@@ -27,6 +27,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memshift.errors import (
     ConfigError,
+    EventGap,
     IllegalTransition,
     MemshiftError,
     MessageConflict,
@@ -54,7 +55,6 @@ from memshift.model import (
 )
 from memshift.stores.base import Outcome
 from memshift.stores.layouts import Layout, ScriptCall, get_layout
-from memshift.stores.layouts.scripted import ScriptedLayout
 from memshift.stores.layouts.timestamps import format_timestamp
 
 from ._clients import Redis, ScriptHandle, close_client, queue_command
@@ -94,12 +94,7 @@ class RedisStore:
                 f"the TTL sessions already have; got {ttl_seconds!r}"
             )
         chosen = get_layout(layout, prefix) if isinstance(layout, str) else layout
-        if not isinstance(chosen, ScriptedLayout):
-            raise ConfigError(
-                f"Redis layout {chosen.name!r} does not decode script replies "
-                "(see memshift.stores.layouts.scripted.ScriptedLayout)"
-            )
-        self._layout: ScriptedLayout = chosen
+        self._layout: Layout = chosen
         self._ttl_ms = 0 if ttl_seconds is None else ttl_seconds * 1000
         if isinstance(client_or_url, str):
             self._client = Redis.from_url(client_or_url, decode_responses=False)
@@ -263,8 +258,6 @@ class RedisStore:
             status,
             format_timestamp(event.at),
             json.dumps(event.data, ensure_ascii=False, separators=(",", ":")),
-            None,
-            None,
             self._ttl_ms,
         )
         reply = self._run(sid, call)
@@ -300,11 +293,7 @@ class RedisStore:
             )
         reply = self._run(sid, self._layout.apply_status_change(record, self._ttl_ms))
         if _text(reply[0]) == "gap":
-            raise MemshiftError(
-                f"session {sid!r}: event_seq {event_seq} would leave a gap in {self.name} "
-                f"(next event_seq is {int(reply[1])}); nothing was written: let the repair "
-                "worker copy the session from the primary"
-            )
+            raise EventGap(sid, event_seq, int(reply[1]), self.name)
         return Outcome(_text(reply[0]))
 
     # -- plumbing ---------------------------------------------------------------------

@@ -384,20 +384,8 @@ class ReferenceLayout:
         )
 
     def set_status(
-        self,
-        session_id: str,
-        status: str,
-        at: str,
-        data: str,
-        version: int | None,
-        event_seq: int | None,
-        ttl_ms: int,
+        self, session_id: str, status: str, at: str, data: str, ttl_ms: int
     ) -> ScriptCall:
-        if version is not None or event_seq is not None:
-            raise ValueError(
-                "set_status is the primary's call and assigns version and event_seq; "
-                "replicate a change with apply_status_change"
-            )
         return ScriptCall(
             "set_status",
             self.session_keys(session_id),

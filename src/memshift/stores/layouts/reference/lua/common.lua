@@ -4,7 +4,7 @@
 -- KEYS, for every script: 1 session hash, 2 messages, 3 tools, 4 summary,
 -- 5 checkpoint, 6 events. ARGV[1] is always the TTL in milliseconds (0: keep).
 -- Replies are lists whose first element says what happened (see
--- memshift/stores/layouts/scripted.py).
+-- memshift/stores/layouts/__init__.py).
 
 -- Must equal memshift.model.TOOL_STATUS_RANK and TERMINAL_TOOL_STATUSES (a unit test
 -- checks it).
