@@ -26,9 +26,8 @@ whole. Unknown hash fields and unknown JSON members are refused the same way:
 dropping them would lose data silently.
 
 A session whose hash is missing but whose children exist (legacy code that only
-RPUSHes) reads as a Session with defaults: status ``active``, version 0, and
-``created_at`` / ``updated_at`` from the first / last message (the epoch when there
-is none), so that two reads of one session agree.
+RPUSHes) reads as :func:`memshift.model.placeholder_session`: status ``active``,
+version 0, as old as its oldest part, exactly as PostgreSQL reports it.
 
 Ambiguity: a session id that itself ends with ``:messages``, ``:tools``,
 ``:summary``, ``:checkpoint`` or ``:events`` cannot be told apart from a child key

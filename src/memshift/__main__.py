@@ -1,0 +1,3 @@
+from memshift.cli import main
+
+main()

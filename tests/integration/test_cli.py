@@ -1,0 +1,115 @@
+"""The memshift command line, run as a user runs it: a process, its output, its exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+
+from memshift.stores.redis import RedisStore
+
+
+def memshift(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSHIFT_")}
+    clean.update(env or {})
+    clean["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "memshift", *args],
+        capture_output=True, text=True, env=clean, cwd=cwd, timeout=300, check=False,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = memshift("--help")
+    assert result.returncode == 0
+    for command in ("demo", "generate", "db", "config"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", [["demo"], ["generate"], ["db", "upgrade"], ["db", "status"]])
+def test_every_command_has_help(command: list[str]) -> None:
+    result = memshift(*command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout
+
+
+def test_db_upgrade_then_status_reports_current_as_json(empty_pg_dsn: str) -> None:
+    before = memshift("--postgres-dsn", empty_pg_dsn, "db", "status", "--json")
+    upgraded = memshift("--postgres-dsn", empty_pg_dsn, "db", "upgrade", "--json")
+    again = memshift("--postgres-dsn", empty_pg_dsn, "db", "upgrade", "--json")
+    after = memshift("--postgres-dsn", empty_pg_dsn, "db", "status", "--json")
+
+    assert before.returncode == 1 and json.loads(before.stdout)["pending"] == ["0001_truth_model"]
+    assert upgraded.returncode == 0 and json.loads(upgraded.stdout)["applied"] == [
+        "0001_truth_model"
+    ]
+    assert json.loads(again.stdout)["applied"] == []
+    assert after.returncode == 0 and json.loads(after.stdout)["up_to_date"] is True
+
+
+def test_a_command_without_postgres_says_what_to_set() -> None:
+    result = memshift("db", "status")
+    assert result.returncode == 2
+    assert "MEMSHIFT_POSTGRES_DSN" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_an_unreachable_postgres_is_named_without_its_password() -> None:
+    dsn = "postgresql://app:s3cr3t-pw@127.0.0.1:1/nowhere"
+    result = memshift("--postgres-dsn", dsn, "db", "upgrade")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "127.0.0.1" in result.stderr
+    assert "s3cr3t-pw" not in result.stderr + result.stdout
+
+
+def test_config_shows_settings_with_the_password_hidden(tmp_path: Path) -> None:
+    (tmp_path / "memshift.toml").write_text('prefix = "from-toml"\nlayout = "reference"\n')
+    result = memshift(
+        "config", "--json",
+        env={"MEMSHIFT_POSTGRES_DSN": "postgresql://app:s3cr3t-pw@db:5432/app"},
+        cwd=tmp_path,
+    )
+    shown = json.loads(result.stdout)
+    assert shown["prefix"] == "from-toml"
+    assert "s3cr3t-pw" not in result.stdout and "db:5432" in shown["postgres_dsn"]
+
+
+def test_generate_writes_the_sessions_it_reports(redis_url: str, redis_prefix: str) -> None:
+    result = memshift(
+        "--redis-url", redis_url, "--prefix", redis_prefix, "generate", "-n", "12", "--json"
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sessions"] == 12
+    with RedisStore(redis.Redis.from_url(redis_url), prefix=redis_prefix) as store:
+        ids = list(store.list_sessions())
+        assert len(ids) == 12
+        assert all(store.load_session(sid) is not None for sid in ids)
+
+
+def test_demo_on_given_servers_agrees_for_every_session(
+    pg_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    result = memshift(
+        "--postgres-dsn", pg_dsn, "--redis-url", redis_url, "--prefix", redis_prefix,
+        "demo", "-n", "15", "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["resume_state_agrees"] == report["sessions"] == 15
+    stores = report["stores"]
+    assert stores["postgres"]["messages held"] == (
+        stores["redis"]["messages held"] + stores["redis"]["messages trimmed"]
+    )
+    assert stores["postgres"]["summary versions"] >= stores["redis"]["summary versions"]
+
+
+def test_demo_with_no_servers_given_runs_on_embedded_ones(tmp_path: Path) -> None:
+    result = memshift("demo", "-n", "5", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["resume_state_agrees"] == 5
+    assert (tmp_path / ".memshift" / "pgdata").is_dir()
