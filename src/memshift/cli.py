@@ -76,6 +76,24 @@ def main_options(
         str | None,
         typer.Option("--prefix", help="Redis key prefix [env MEMSHIFT_PREFIX; default agent]."),
     ] = None,
+    ttl_seconds: Annotated[
+        int | None,
+        typer.Option(
+            "--ttl-seconds",
+            help="TTL refreshed on a session's Redis keys at every write "
+            "[env MEMSHIFT_TTL_SECONDS; default: keep the TTL sessions have].",
+            show_default=False,
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="Where embedded servers keep their data "
+            "[env MEMSHIFT_DATA_DIR; default .memshift].",
+            show_default=False,
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="Settings file [default ./memshift.toml if present]."),
@@ -91,6 +109,8 @@ def main_options(
             "postgres_dsn": postgres_dsn,
             "layout": layout,
             "prefix": prefix,
+            "ttl_seconds": ttl_seconds,
+            "data_dir": data_dir,
         },
         "config": config,
     }

@@ -91,7 +91,9 @@ def generate_into_redis(
     """`memshift generate`: legacy sessions into Redis only."""
     assert settings.redis_url is not None
     client = redis.Redis.from_url(settings.redis_url)
-    store = RedisStore(client, layout=settings.layout, prefix=settings.prefix)
+    store = RedisStore(
+        client, layout=settings.layout, prefix=settings.prefix, ttl_seconds=settings.ttl_seconds
+    )
     messages = 0
     try:
         with progress(console, quiet) as bar:
@@ -117,7 +119,9 @@ def run_demo(
         applied = upgrade(postgres_dsn)
         say(f"schema memshift: {len(applied)} migration(s) applied")
         client = redis.Redis.from_url(redis_url)
-        legacy = RedisStore(client, layout=settings.layout, prefix=settings.prefix)
+        legacy = RedisStore(
+        client, layout=settings.layout, prefix=settings.prefix, ttl_seconds=settings.ttl_seconds
+    )
         truth = PostgresStore(postgres_dsn)
         try:
             ids, elapsed = _play(legacy, truth, client, settings.prefix, sessions, seed, console,
