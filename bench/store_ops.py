@@ -16,7 +16,7 @@ round, so drift in the machine's speed cancels out):
 Figures are medians over the rounds. It makes its own scratch database (dropped at
 the end) and its own Redis key prefix (deleted at the end). See bench/README.md.
 
-    .venv/bin/python bench/store_ops.py [--ops 2000] [--rounds 5] [--json]
+    .venv/bin/python bench/store_ops.py [--ops 1000] [--rounds 5] [--only OP] [--json]
 """
 
 from __future__ import annotations
@@ -701,6 +701,7 @@ class Result:
     ratio_by_hand: float
     naive_us: float
     ratio_naive: float
+    ratios_by_hand: list[float]  # one per round, to judge the spread
 
     @property
     def meets_goal(self) -> bool:
@@ -740,6 +741,7 @@ def measure(
         ratio_by_hand=statistics.median(m / h for m, h, _ in per_round),
         naive_us=statistics.median(times["naive"]),
         ratio_naive=statistics.median(m / n for m, _, n in per_round),
+        ratios_by_hand=[round(m / h, 3) for m, h, _ in per_round],
     )
 
 
