@@ -253,7 +253,13 @@ class PostgresCases:
 
     def by_hand_load_session(self, sid: str) -> Op:
         statement = query("load_session")
-        return lambda i: self._execute(statement, {"session_id": self.load_sid})
+
+        def op(i: int) -> object:
+            # The same statement, and the JSON it returns decoded, as any client must.
+            session, *parts = self._execute(statement, {"session_id": self.load_sid})[0]
+            return session, [json.loads(part) for part in parts]
+
+        return op
 
     def naive_load_session(self, sid: str) -> Op:
         params = {"sid": self.load_sid}

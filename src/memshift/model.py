@@ -12,10 +12,19 @@ from __future__ import annotations
 import hashlib
 import json
 from datetime import UTC, datetime
+from functools import cache
 from typing import Annotated, Any, Literal
 
 import pydantic
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationInfo,
+)
 
 from memshift.errors import ValidationError
 
@@ -64,15 +73,33 @@ def text_problem(value: str) -> str | None:
     return None
 
 
-def _check_text(value: str) -> str:
-    problem = text_problem(value)
-    if problem:
-        raise ValueError(f"text {problem}")
+# Validation runs in pydantic's Rust core where it can: a pattern refuses NUL, and
+# pydantic refuses lone surrogates (invalid UTF-8) in every str field by itself. The
+# few Python checks left are skipped for rows read back from PostgreSQL, which cannot
+# hold what they refuse (validate with ``context=TRUSTED``).
+TRUSTED = {"trusted": True}
+_NO_NUL = r"^[^\x00]*\z"
+
+
+def _trusted(info: ValidationInfo) -> bool:
+    return bool(info.context) and info.context.get("trusted") is True  # type: ignore[union-attr]
+
+
+def _check_id_size(value: str, info: ValidationInfo) -> str:
+    # A UTF-8 character takes at most 4 bytes: short ids need no encoding to check.
+    if len(value) * 4 > MAX_ID_BYTES and not _trusted(info):
+        size = len(value.encode("utf-8"))
+        if size > MAX_ID_BYTES:
+            raise ValueError(
+                f"id is {size} bytes long; at most {MAX_ID_BYTES} bytes are allowed"
+            )
     return value
 
 
 def _check_id(value: str) -> str:
-    _check_text(value)
+    problem = text_problem(value)
+    if problem:
+        raise ValueError(f"text {problem}")
     if not value:
         raise ValueError("id is empty")
     size = len(value.encode("utf-8"))
@@ -81,38 +108,80 @@ def _check_id(value: str) -> str:
     return value
 
 
-def _check_json(value: Any, path: str = "$") -> Any:
-    """Refuse JSON values that JSONB cannot store exactly (NUL, lone surrogates)."""
+def _json_storable(value: Any) -> bool:
+    """True when JSONB can store ``value`` exactly: the fast walk, no paths built."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str:
+            if "\x00" in item or (not item.isascii() and text_problem(item)):
+                return False
+        elif kind is dict:
+            for key, child in item.items():
+                if type(key) is not str or "\x00" in key or (
+                    not key.isascii() and text_problem(key)
+                ):
+                    return False
+                stack.append(child)
+        elif kind is list:
+            stack.extend(item)
+        elif kind is float:
+            if item != item or item in (float("inf"), float("-inf")):
+                return False
+        elif not (item is None or kind is bool or kind is int):
+            return False
+    return True
+
+
+def _json_problem(value: Any, path: str = "$") -> str | None:
+    """Where and why JSONB cannot store ``value`` exactly (the slow walk, for errors)."""
     if isinstance(value, str):
         problem = text_problem(value)
-        if problem:
-            raise ValueError(f"string at {path} {problem}")
-    elif isinstance(value, dict):
+        return f"string at {path} {problem}" if problem else None
+    if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ValueError(f"key {key!r} at {path} is not a string")
+                return f"key {key!r} at {path} is not a string"
             problem = text_problem(key)
             if problem:
-                raise ValueError(f"key at {path} {problem}")
-            _check_json(item, f"{path}.{key}")
-    elif isinstance(value, list):
+                return f"key at {path} {problem}"
+            found = _json_problem(item, f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if isinstance(value, list):
         for index, item in enumerate(value):
-            _check_json(item, f"{path}[{index}]")
-    elif isinstance(value, float) and value != value:  # NaN is not JSON
-        raise ValueError(f"number at {path} is NaN, which JSON cannot hold")
-    elif value is not None and not isinstance(value, bool | int | float):
-        raise ValueError(f"value at {path} of type {type(value).__name__} is not JSON")
-    return value
+            found = _json_problem(item, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return f"number at {path} is {value}, which JSON cannot hold"
+    if value is not None and not isinstance(value, bool | int | float):
+        return f"value at {path} of type {type(value).__name__} is not JSON"
+    return None
 
 
-def _utc(value: datetime) -> datetime:
+def _check_json(value: Any, info: ValidationInfo) -> Any:
+    """Refuse JSON values that JSONB cannot store exactly (NUL, lone surrogates, NaN)."""
+    if _trusted(info) or _json_storable(value):
+        return value
+    raise ValueError(_json_problem(value) or "value cannot be stored as JSON")
+
+
+def _utc(value: datetime, info: ValidationInfo) -> datetime:
+    if value.tzinfo is UTC or _trusted(info):
+        return value
     if value.tzinfo is None:
         raise ValueError("timestamp has no time zone; give it in UTC (e.g. 2026-05-19T10:00:00Z)")
     return value.astimezone(UTC)
 
 
-Id = Annotated[str, AfterValidator(_check_id)]
-Text = Annotated[str, AfterValidator(_check_text)]
+Text = Annotated[str, StringConstraints(pattern=_NO_NUL)]
+Id = Annotated[
+    str, StringConstraints(min_length=1, pattern=_NO_NUL), AfterValidator(_check_id_size)
+]
 JsonObject = Annotated[dict[str, Any], AfterValidator(_check_json)]
 JsonValue = Annotated[Any, AfterValidator(_check_json)]
 Timestamp = Annotated[datetime, AfterValidator(_utc)]
@@ -320,22 +389,57 @@ class SessionState(Record):
 
 
 def parse(
-    cls: type[Record], data: Any, *, session_id: str | None, where: str
+    cls: type[Record], data: Any, *, session_id: str | None, where: str, trusted: bool = False
 ) -> Any:
     """Build a record from raw data, turning pydantic's error into one that names the place."""
     try:
-        return cls.model_validate(data)
+        return cls.model_validate(data, context=TRUSTED if trusted else None)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}"
-            for err in exc.errors(include_url=False)
-        )
-        owner = f"session {session_id!r}, " if session_id is not None else ""
-        raise ValidationError(
-            f"{owner}{where}: invalid {cls.__name__}: {problems}",
-            session_id=session_id,
-            where=where,
-        ) from None
+        raise _invalid(cls, exc, session_id, where) from None
+
+
+@cache
+def _sequence_of(cls: type[Record]) -> TypeAdapter[tuple[Any, ...]]:
+    return TypeAdapter(tuple[cls, ...])  # type: ignore[valid-type]
+
+
+def parse_json_list(
+    cls: type[Record], raw: str | bytes, *, session_id: str, where: str, trusted: bool = False
+) -> tuple[Any, ...]:
+    """Records from a JSON array, validated in one call (in pydantic's Rust core).
+
+    ``trusted`` skips the checks that data read back from PostgreSQL cannot fail.
+    """
+    try:
+        return _sequence_of(cls).validate_json(raw, context=TRUSTED if trusted else None)
+    except pydantic.ValidationError as exc:
+        raise _invalid(cls, exc, session_id, where) from None
+
+
+def _invalid(
+    cls: type[Record], exc: pydantic.ValidationError, session_id: str | None, where: str
+) -> ValidationError:
+    owner = f"session {session_id!r}, " if session_id is not None else ""
+    return ValidationError(
+        f"{owner}{where}: invalid {cls.__name__}: {_problems(exc)}",
+        session_id=session_id,
+        where=where,
+    )
+
+
+_MESSAGES = {
+    "string_pattern_mismatch": "text contains a NUL character (PostgreSQL text cannot hold NUL)",
+    "string_unicode": "text is not valid UTF-8 (it holds a lone surrogate)",
+    "string_too_short": "must not be empty",
+}
+
+
+def _problems(exc: pydantic.ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'value'}: "
+        f"{_MESSAGES.get(err['type'], err['msg'])}"
+        for err in exc.errors(include_url=False)
+    )
 
 
 def build(cls: type[Record], session_id: str | None, where: str, **fields: Any) -> Any:

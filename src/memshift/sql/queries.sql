@@ -7,7 +7,8 @@
 SELECT coalesce(max(version), 0) FROM memshift.schema_version;
 
 -- name: load_session
--- The whole session in one statement: the session row and each part as JSON.
+-- The whole session in one statement: the session row as JSON and each part as a
+-- JSON array in text form (validated in one call on the client).
 SELECT
     -- A placeholder that no session write has reached yet has no updated_at of its
     -- own: it shows its created_at (the time of its first part).
@@ -15,17 +16,17 @@ SELECT
             || jsonb_build_object('updated_at', CASE WHEN s.updated_at = '-infinity'
                                                      THEN s.created_at ELSE s.updated_at END)
        FROM memshift.sessions s WHERE s.session_id = %(session_id)s),
-    (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' ORDER BY m.seq), '[]')
+    (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' ORDER BY m.seq), '[]')::text
        FROM memshift.messages m WHERE m.session_id = %(session_id)s),
     (SELECT coalesce(jsonb_agg(to_jsonb(t) - 'session_id' - 'content_hash'
-                               ORDER BY t.tool_call_id), '[]')
+                               ORDER BY t.tool_call_id), '[]')::text
        FROM memshift.tool_runs t WHERE t.session_id = %(session_id)s),
-    (SELECT coalesce(jsonb_agg(to_jsonb(u) - 'session_id' ORDER BY u.version), '[]')
+    (SELECT coalesce(jsonb_agg(to_jsonb(u) - 'session_id' ORDER BY u.version), '[]')::text
        FROM memshift.summaries u WHERE u.session_id = %(session_id)s),
     (SELECT coalesce(jsonb_agg(to_jsonb(c) - 'session_id'
-                               ORDER BY c.step, c.checkpoint_id), '[]')
+                               ORDER BY c.step, c.checkpoint_id), '[]')::text
        FROM memshift.checkpoints c WHERE c.session_id = %(session_id)s),
-    (SELECT coalesce(jsonb_agg(to_jsonb(e) - 'session_id' ORDER BY e.event_seq), '[]')
+    (SELECT coalesce(jsonb_agg(to_jsonb(e) - 'session_id' ORDER BY e.event_seq), '[]')::text
        FROM memshift.events e WHERE e.session_id = %(session_id)s);
 
 -- name: save_session

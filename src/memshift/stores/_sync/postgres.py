@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg import Connection
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -28,6 +29,7 @@ from memshift.model import (
     Event,
     MemorySummary,
     Message,
+    Record,
     Session,
     SessionState,
     StatusChange,
@@ -37,6 +39,7 @@ from memshift.model import (
     legal_sources,
     now,
     parse,
+    parse_json_list,
     placeholder_session,
 )
 from memshift.redact import redact
@@ -45,6 +48,8 @@ from memshift.sql.queries import query
 from memshift.stores.base import Outcome
 
 Row = tuple[Any, ...]
+_PARTS: tuple[type[Record], ...] = (Message, ToolRun, MemorySummary, Checkpoint, Event)
+_NO_SESSION = Session(session_id="-")  # replaced before a state is returned
 
 
 class PostgresStore:
@@ -73,6 +78,7 @@ class PostgresStore:
                 kwargs={"autocommit": True},
                 open=False,
                 name="memshift-postgres",
+                configure=_utc_session,
             )
             self._owns_pool = True
         else:
@@ -146,27 +152,28 @@ class PostgresStore:
         sid = check_session_id(session_id)
         row = self._fetchone("load_session", {"session_id": sid})
         assert row is not None  # a SELECT of scalar subqueries always yields one row
-        session, messages, tools, summaries, checkpoints, events = row
-        if session is None and not any((messages, tools, summaries, checkpoints, events)):
+        session, *parts = row
+        if session is None and all(part == "[]" for part in parts):
             return None
-        where = "postgres"
-        parts = SessionState(
-            session=placeholder_session(sid, []),
-            messages=tuple(parse(Message, m, session_id=sid, where=where) for m in messages),
-            tool_runs=tuple(parse(ToolRun, t, session_id=sid, where=where) for t in tools),
-            summaries=tuple(
-                parse(MemorySummary, s, session_id=sid, where=where) for s in summaries
-            ),
-            checkpoints=tuple(
-                parse(Checkpoint, c, session_id=sid, where=where) for c in checkpoints
-            ),
-            events=tuple(parse(Event, e, session_id=sid, where=where) for e in events),
+        # Rows read back from PostgreSQL were validated when written and cannot hold
+        # what the Python-side checks refuse: validate them as trusted, in Rust.
+        messages, tools, summaries, checkpoints, events = (
+            parse_json_list(cls, part, session_id=sid, where="postgres", trusted=True)
+            for cls, part in zip(_PARTS, parts, strict=True)
+        )
+        state = SessionState.model_construct(
+            session=_NO_SESSION,
+            messages=messages,
+            tool_runs=tools,
+            summaries=summaries,
+            checkpoints=checkpoints,
+            events=events,
         )
         if session is None:
-            record = placeholder_session(sid, parts.timestamps())
+            record = placeholder_session(sid, state.timestamps())
         else:
-            record = parse(Session, session, session_id=sid, where=where)
-        return parts.model_copy(update={"session": record})
+            record = parse(Session, session, session_id=sid, where="postgres", trusted=True)
+        return state.model_copy(update={"session": record})
 
     def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]:
         """Every session id, in id order, fetched in batches (keyset pagination)."""
@@ -345,6 +352,12 @@ class PostgresStore:
         params.update(session_id=record.session.session_id, data=Jsonb(record.event.data))
         self._fetch("record_event", params)
         return self.save_session(record.session)
+
+
+def _utc_session(conn: Connection[Any]) -> None:
+    # Timestamps come back as JSON text in the session's time zone: make it UTC, so
+    # records read back are in UTC like those written.
+    conn.execute("SET TimeZone TO 'UTC'")
 
 
 def _message(row: Row) -> Message:
