@@ -12,9 +12,8 @@ Written once, async; the sync ``RedisStore`` is generated from this file by
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import AsyncIterator, Generator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -128,11 +127,13 @@ class AsyncRedisStore:
     async def load_session(self, session_id: str) -> SessionState | None:
         sid = check_session_id(session_id)
         commands = self._layout.read_commands(sid)
-        with self._reaching():
-            pipe = self._client.pipeline(transaction=False)
-            for command in commands:
-                queue_command(pipe, command)
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            queue_command(pipe, command)
+        try:
             replies = await pipe.execute(raise_on_error=False)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise self._unreachable(exc) from None
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ResponseError):
                 raise ValidationError(
@@ -148,10 +149,12 @@ class AsyncRedisStore:
         pattern = self._layout.scan_pattern()
         cursor = 0
         while True:
-            with self._reaching():
+            try:
                 cursor, keys = await self._client.scan(
                     cursor, match=pattern, count=batch_size, _type="hash"
                 )
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                raise self._unreachable(exc) from None
             for key in keys:
                 raw = key if isinstance(key, bytes) else str(key).encode()
                 session_id = self._layout.session_id_from_key(raw)
@@ -200,15 +203,20 @@ class AsyncRedisStore:
         sid = check_session_id(session_id)
         record: ToolRun = coerce(ToolRun, run, session_id=sid, where="tool run")
         call = self._layout.upsert_tool_run(sid, record, self._ttl_ms)
+        sent = record
         for _ in range(_MAX_MERGE_ROUNDS):
             reply = await self._run(sid, call)
+            kind = _text(reply[0])
+            if kind == "applied" and reply[1] == call.written:
+                return sent  # stored exactly as sent: decoding it would give it back
             stored = self._layout.tool_run_from_reply(sid, record.tool_call_id, reply[1])
-            if _text(reply[0]) != "compare":
+            if kind != "compare":
                 return stored
             merged = merge_tool_runs(stored, record)
             if merged == stored:
                 return stored
             call = self._layout.replace_tool_run(sid, record, reply[1], merged, self._ttl_ms)
+            sent = merged
         raise MemshiftError(
             f"session {sid!r}: tool run {record.tool_call_id!r} changed under "
             f"{_MAX_MERGE_ROUNDS} merges in a row; retry the write"
@@ -266,18 +274,14 @@ class AsyncRedisStore:
         if kind == "illegal":
             current = _text(reply[1])
             raise IllegalTransition(sid, current, status, list(LEGAL_TRANSITIONS.get(current, ())))
-        change: StatusChange = parse(
-            StatusChange,
-            {
-                "session": self._layout.session_from_reply(sid, reply[4], reply[5]),
-                "event": event.model_copy(
-                    update={"event_seq": int(reply[2]), "from_status": _text(reply[3])}
-                ),
-            },
-            session_id=sid,
-            where="status change",
+        # Both parts are validated records already: the session by the layout, the
+        # event above (the script adds its seq and the status it left).
+        return StatusChange(
+            session=self._layout.session_from_reply(sid, reply[4], reply[5]),
+            event=event.model_copy(
+                update={"event_seq": int(reply[2]), "from_status": _text(reply[3])}
+            ),
         )
-        return change
 
     async def apply_status_change(self, change: StatusChange | Mapping[str, Any]) -> Outcome:
         record: StatusChange = coerce(StatusChange, change, session_id=None, where="status change")
@@ -303,16 +307,17 @@ class AsyncRedisStore:
             text = _script_text(self._layout.script_dir(), call.script)
             script = self._client.register_script(text)
             self._scripts[call.script] = script
-        with self._reaching():
-            try:
-                reply = await script(keys=call.keys, args=call.args)
-            except ResponseError as exc:
-                raise ValidationError(
-                    f"session {session_id!r}: Redis refused {call.script} ({exc}); "
-                    f"one of the keys {call.keys!r} holds a type the layout does not expect",
-                    session_id=session_id,
-                    where=call.script,
-                ) from None
+        try:
+            reply = await script(keys=call.keys, args=call.args)
+        except ResponseError as exc:
+            raise ValidationError(
+                f"session {session_id!r}: Redis refused {call.script} ({exc}); "
+                f"one of the keys {call.keys!r} holds a type the layout does not expect",
+                session_id=session_id,
+                where=call.script,
+            ) from None
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            raise self._unreachable(exc) from None
         result = list(reply)
         if result and _text(result[0]) == "invalid":
             key, field, what = (_text(part) for part in result[1:4])
@@ -324,26 +329,22 @@ class AsyncRedisStore:
             )
         return result
 
-    @contextlib.contextmanager
-    def _reaching(self) -> Generator[None, None, None]:
-        """Turn a connection failure into StoreUnavailable naming the server, not secrets."""
-        try:
-            yield
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            kwargs = self._client.connection_pool.connection_kwargs
-            where = (
-                f"unix socket {kwargs['path']}"
-                if kwargs.get("path")
-                else f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-            )
-            detail = str(exc)
-            password = kwargs.get("password")
-            if password:
-                detail = detail.replace(str(password), "***")
-            raise StoreUnavailable(
-                f"Redis at {where} cannot be reached ({type(exc).__name__}: {detail}); "
-                "check that it runs and that the URL is right"
-            ) from None
+    def _unreachable(self, exc: Exception) -> StoreUnavailable:
+        """The connection failure as StoreUnavailable naming the server, not secrets."""
+        kwargs = self._client.connection_pool.connection_kwargs
+        where = (
+            f"unix socket {kwargs['path']}"
+            if kwargs.get("path")
+            else f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
+        )
+        detail = str(exc)
+        password = kwargs.get("password")
+        if password:
+            detail = detail.replace(str(password), "***")
+        return StoreUnavailable(
+            f"Redis at {where} cannot be reached ({type(exc).__name__}: {detail}); "
+            "check that it runs and that the URL is right"
+        )
 
 
 def _text(value: Any) -> str:

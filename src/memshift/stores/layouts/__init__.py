@@ -48,11 +48,16 @@ from memshift.model import (
 
 @dataclass(frozen=True)
 class ScriptCall:
-    """One guarded write: run ``script`` (a .lua file of the layout) with keys and args."""
+    """One guarded write: run ``script`` (a .lua file of the layout) with keys and args.
+
+    ``written``, when given, is the value the script stores and replies with when it
+    writes the record exactly as sent: a reply carrying these bytes needs no decoding.
+    """
 
     script: str
     keys: list[str]
     args: list[Any]
+    written: bytes | None = None
 
 
 class Layout(Protocol):

@@ -37,6 +37,13 @@ def format_timestamp(value: datetime) -> str:
 
 def parse_timestamp(value: object) -> datetime:
     """Read ISO 8601 text or epoch milliseconds; raise ValueError saying what is wrong."""
+    if type(value) is str and len(value) == 27 and value[10] == "T" and value[26] == "Z":
+        # The form memshift writes, read on every load: fromisoformat alone gives the
+        # same instant (already UTC); anything it refuses takes the general path below.
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
     if isinstance(value, bool):
         raise ValueError(f"expected a timestamp, got the boolean {value!r}")
     if isinstance(value, int):

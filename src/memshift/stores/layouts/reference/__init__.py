@@ -37,20 +37,26 @@ of a shorter id, so :meth:`ReferenceLayout.session_id_from_key` skips such keys;
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import pydantic
+from pydantic import TypeAdapter
 
 from memshift.errors import ValidationError
 from memshift.model import (
+    SESSION_STATUSES,
     TOOL_STATUS_RANK,
     Checkpoint,
     Event,
     MemorySummary,
     Message,
+    Record,
     Session,
     SessionState,
     StatusChange,
@@ -78,12 +84,35 @@ HASH_FIELDS = (
     "expires_at",
 )
 # append_message looks for the message id among this many of the latest messages, so
-# that a retried append without a seq is a duplicate, not a second copy. A full scan
-# would cost O(transcript) inside Redis on every append; a retry lands right after
-# its first attempt, well inside the window.
-ID_CHECK_WINDOW = 256
+# that a retried append without a seq is a duplicate, not a second copy. Every message
+# in the window costs Redis time on every append (256 made an append take three times
+# as long as a plain RPUSH); a retry lands right after its first attempt, well inside.
+ID_CHECK_WINDOW = 64
 _GLOB = re.compile(r"([*?\[\]\\])")
 _DIGITS = re.compile(r"\d+")
+# Fields of an event entry in the stream, and the Event field each one fills.
+_EVENT_FIELDS = {
+    "type": "type",
+    "from": "from_status",
+    "to": "to_status",
+    "at": "at",
+    "data": "data",
+}
+_HASH_FIELD_SET = frozenset(HASH_FIELDS)
+# Names that replies carry over and over, decoded once.
+_KNOWN_NAMES = {name.encode(): name for name in (*HASH_FIELDS, *_EVENT_FIELDS)}
+_FIELD_WHERE = {name: f"field {name!r}" for name in (*HASH_FIELDS, *_EVENT_FIELDS)}
+
+_LEGAL_SOURCES = {status: ",".join(legal_sources(status)) for status in SESSION_STATUSES}
+
+_R = TypeVar("_R", bound=Record)
+# The records of one key (a transcript, the tool runs, the events) are validated in
+# one call rather than one call per record.
+_BATCHES: dict[type[Record], TypeAdapter[Any]] = {
+    Message: TypeAdapter(tuple[Message, ...]),
+    ToolRun: TypeAdapter(tuple[ToolRun, ...]),
+    Event: TypeAdapter(tuple[Event, ...]),
+}
 
 
 class ReferenceLayout:
@@ -101,8 +130,7 @@ class ReferenceLayout:
         return f"{self.prefix}:session:{session_id}"
 
     def session_keys(self, session_id: str) -> list[str]:
-        base = self._base(session_id)
-        return [base, *(f"{base}:{child}" for child in CHILDREN)]
+        return list(_session_keys(self.prefix, session_id))
 
     def scan_pattern(self) -> str:
         return _GLOB.sub(r"\\\1", self.prefix) + ":session:*"
@@ -148,25 +176,35 @@ class ReferenceLayout:
         keys = self.session_keys(session_id)
         reader = _Reader(session_id)
         trimmed = reader.count(fields.get(b"messages_trimmed"), keys[0], "messages_trimmed")
-        parts = SessionState(
-            session=Session(session_id=session_id),
-            messages=tuple(
-                self._message(reader, keys[1], f"index {i}", trimmed + i, raw)
+        messages = reader.records(
+            Message,
+            keys[1],
+            (
+                self._message_data(reader, keys[1], f"index {i}", trimmed + i, raw)
                 for i, raw in enumerate(raw_messages)
             ),
-            tool_runs=tuple(
-                sorted(
-                    (self._tool_run(reader, keys[2], k, raw) for k, raw in tool_pairs.items()),
-                    key=lambda t: t.tool_call_id,
-                )
-            ),
-            summaries=() if summary_raw is None else (self._summary(reader, keys[3], summary_raw),),
-            checkpoints=()
-            if checkpoint_raw is None
-            else (self._checkpoint(reader, keys[4], checkpoint_raw),),
-            events=tuple(
-                self._event(reader, keys[5], i, entry) for i, entry in enumerate(raw_events)
-            ),
+        )
+        tool_runs = reader.records(
+            ToolRun,
+            keys[2],
+            (self._tool_run_data(reader, keys[2], name, raw) for name, raw in tool_pairs.items()),
+        )
+        summaries = () if summary_raw is None else (self._summary(reader, keys[3], summary_raw),)
+        checkpoints = (
+            () if checkpoint_raw is None else (self._checkpoint(reader, keys[4], checkpoint_raw),)
+        )
+        events = reader.records(
+            Event,
+            keys[5],
+            (self._event_data(reader, keys[5], i, entry) for i, entry in enumerate(raw_events)),
+        )
+        parts = SessionState(
+            session=Session(session_id=session_id),
+            messages=messages,
+            tool_runs=tuple(sorted(tool_runs, key=lambda t: t.tool_call_id)),
+            summaries=summaries,
+            checkpoints=checkpoints,
+            events=events,
         )
         if not fields:
             session = placeholder_session(session_id, parts.timestamps())
@@ -182,22 +220,20 @@ class ReferenceLayout:
         seen: list[datetime],
         ttl: Any,
     ) -> Session:
-        text = {reader.field_name(key, name): value for name, value in fields.items()}
-        unknown = sorted(set(text) - set(HASH_FIELDS))
-        if unknown:
-            raise reader.error(key, f"field {unknown[0]!r}", "is not a field of the layout")
         data: dict[str, Any] = {"session_id": reader.session_id}
-        for name in ("tenant_id", "user_id", "status"):
-            if name in text:
-                data[name] = reader.text(text[name], key, f"field {name!r}")
-        for name in ("version", "messages_trimmed"):
-            data[name] = reader.count(text.get(name), key, name)
-        for name in ("created_at", "updated_at", "expires_at"):
-            if name in text:
-                where = f"field {name!r}"
-                data[name] = reader.timestamp(reader.text(text[name], key, where), key, where)
-        if "metadata" in text:
-            data["metadata"] = reader.json_object(text["metadata"], key, "field 'metadata'")
+        for raw_name, raw in fields.items():
+            name = reader.field_name(key, raw_name)
+            if name not in _HASH_FIELD_SET:
+                raise reader.error(key, f"field {name!r}", "is not a field of the layout")
+            where = _FIELD_WHERE[name]
+            if name in ("version", "messages_trimmed"):
+                data[name] = reader.count(raw, key, name)
+            elif name == "metadata":
+                data[name] = reader.json_object(raw, key, where)
+            elif name.endswith("_at"):
+                data[name] = reader.timestamp(reader.text(raw, key, where), key, where)
+            else:
+                data[name] = reader.text(raw, key, where)
         # Missing times: each other's, else as old as the oldest part (placeholder_session).
         oldest = min(seen, default=None)
         data.setdefault("created_at", data.get("updated_at", oldest))
@@ -209,26 +245,26 @@ class ReferenceLayout:
         session: Session = parse(Session, data, session_id=reader.session_id, where=f"key {key!r}")
         return session
 
-    def _message(self, reader: _Reader, key: str, where: str, seq: int, raw: Any) -> Message:
-        obj = reader.json_object(raw, key, where)
-        data: dict[str, Any] = {"seq": seq}
-        for name, value in obj.items():
-            if name == "id":
-                data["message_id"] = value
-            elif name == "ts":
-                data["ts"] = reader.timestamp(value, key, f"{where} member 'ts'")
-            elif name in ("message_id", "seq"):
+    def _message_data(
+        self, reader: _Reader, key: str, where: str, seq: int, raw: Any
+    ) -> tuple[str, dict[str, Any]]:
+        """Where the message is and the fields that ``raw`` holds, ready for validation."""
+        data = reader.json_object(raw, key, where)
+        for name in ("message_id", "seq"):
+            if name in data:
                 raise reader.error(key, f"{where} member {name!r}", "is not a member of a message")
-            else:
-                data[name] = value
         if "ts" not in data:
             raise reader.error(key, where, "has no 'ts' member")
-        message: Message = parse(
-            Message, data, session_id=reader.session_id, where=f"key {key!r} {where}"
-        )
-        return message
+        data["ts"] = reader.timestamp(data["ts"], key, where, "member 'ts'")
+        data["seq"] = seq
+        if "id" in data:
+            data["message_id"] = data.pop("id")
+        return where, data
 
-    def _tool_run(self, reader: _Reader, key: str, name: Any, raw: Any) -> ToolRun:
+    def _tool_run_data(
+        self, reader: _Reader, key: str, name: Any, raw: Any
+    ) -> tuple[str, dict[str, Any]]:
+        """Where the tool run is (its field) and its fields, ready for validation."""
         tool_call_id = reader.field_name(key, name)
         where = f"field {tool_call_id!r}"
         obj = reader.json_object(raw, key, where)
@@ -237,13 +273,8 @@ class ReferenceLayout:
         if "updated_at" not in obj:
             raise reader.error(key, where, "has no 'updated_at' member")
         data: dict[str, Any] = {"tool_call_id": tool_call_id, **obj}
-        data["updated_at"] = reader.timestamp(
-            obj["updated_at"], key, f"{where} member 'updated_at'"
-        )
-        run: ToolRun = parse(
-            ToolRun, data, session_id=reader.session_id, where=f"key {key!r} {where}"
-        )
-        return run
+        data["updated_at"] = reader.timestamp(obj["updated_at"], key, where, "member 'updated_at'")
+        return where, data
 
     def _summary(self, reader: _Reader, key: str, raw: Any) -> MemorySummary:
         obj = reader.json_object(raw, key, "value")
@@ -265,40 +296,39 @@ class ReferenceLayout:
         )
         return checkpoint
 
-    def _event(self, reader: _Reader, key: str, index: int, entry: Any) -> Event:
+    def _event_data(
+        self, reader: _Reader, key: str, index: int, entry: Any
+    ) -> tuple[str, dict[str, Any]]:
+        """Where the event is (its entry) and its fields, ready for validation."""
         entry_id, raw_fields = entry
         where = f"entry {index} ({reader.text(entry_id, key, f'entry {index} id')})"
-        fields = {reader.field_name(key, k): v for k, v in _pairs(raw_fields).items()}
-        unknown = sorted(set(fields) - {"type", "from", "to", "at", "data"})
-        if unknown:
-            raise reader.error(key, f"{where} field {unknown[0]!r}", "is not a field of an event")
         data: dict[str, Any] = {"event_seq": index}
-        names = {"type": "type", "from": "from_status", "to": "to_status"}
-        for name, target in names.items():
-            if name in fields:
-                data[target] = reader.text(fields[name], key, f"{where} field {name!r}")
-        if "at" not in fields:
+        for raw_name, value in _pairs(raw_fields).items():
+            name = reader.field_name(key, raw_name)
+            target = _EVENT_FIELDS.get(name)
+            if target is None:
+                raise reader.error(key, f"{where} field {name!r}", "is not a field of an event")
+            if name == "data":
+                data[target] = reader.json(value, key, where, "field 'data'")
+            else:
+                data[target] = reader.text(value, key, where, _FIELD_WHERE[name])
+        if "at" not in data:
             raise reader.error(key, where, "has no 'at' field")
-        at = reader.text(fields["at"], key, f"{where} field 'at'")
-        data["at"] = reader.timestamp(at, key, f"{where} field 'at'")
-        if "data" in fields:
-            data["data"] = reader.json(fields["data"], key, f"{where} field 'data'")
-        event: Event = parse(
-            Event, data, session_id=reader.session_id, where=f"key {key!r} {where}"
-        )
-        return event
+        data["at"] = reader.timestamp(data["at"], key, where, "field 'at'")
+        return where, data
 
     def session_from_reply(self, session_id: str, fields: Any, ttl: Any) -> Session:
-        key = self.session_keys(session_id)[0]
-        return self._session(_Reader(session_id), key, _pairs(fields), [], ttl)
+        return self._session(_Reader(session_id), self._base(session_id), _pairs(fields), [], ttl)
 
     def message_from_reply(self, session_id: str, seq: int, raw: bytes) -> Message:
-        key = self.session_keys(session_id)[1]
-        return self._message(_Reader(session_id), key, f"seq {seq}", seq, raw)
+        key = f"{self._base(session_id)}:messages"
+        reader = _Reader(session_id)
+        return reader.record(Message, key, self._message_data(reader, key, f"seq {seq}", seq, raw))
 
     def tool_run_from_reply(self, session_id: str, tool_call_id: str, raw: bytes) -> ToolRun:
-        key = self.session_keys(session_id)[2]
-        return self._tool_run(_Reader(session_id), key, tool_call_id.encode(), raw)
+        key = f"{self._base(session_id)}:tools"
+        reader = _Reader(session_id)
+        return reader.record(ToolRun, key, self._tool_run_data(reader, key, tool_call_id, raw))
 
     # -- writes -----------------------------------------------------------------------
 
@@ -329,7 +359,7 @@ class ReferenceLayout:
     def replace_tool_run(
         self, session_id: str, run: ToolRun, expected: bytes, merged: ToolRun, ttl_ms: int
     ) -> ScriptCall:
-        head, tail = _tool_json_parts(merged)
+        head, _, tail = _tool_json_parts(merged)
         return self._tool_call(session_id, run, ttl_ms, expected, f"{head}{merged.attempts}{tail}")
 
     def _tool_call(
@@ -337,7 +367,8 @@ class ReferenceLayout:
     ) -> ScriptCall:
         # The record goes as the text around its attempts count, so that the script
         # can write it with a greater count without re-encoding JSON in Lua.
-        head, tail = _tool_json_parts(run)
+        head, updated_at, tail = _tool_json_parts(run)
+        written = merged or f"{head}{run.attempts}{tail}"
         return ScriptCall(
             "upsert_tool_run",
             self.session_keys(session_id),
@@ -348,11 +379,12 @@ class ReferenceLayout:
                 tail,
                 run.attempts,
                 1 if run.terminal else 0,
-                format_timestamp(run.updated_at),
+                updated_at,
                 TOOL_STATUS_RANK[run.status],
                 expected,
                 merged,
             ],
+            written=written.encode("utf-8"),
         )
 
     def put_summary(self, session_id: str, summary: MemorySummary, ttl_ms: int) -> ScriptCall:
@@ -388,7 +420,7 @@ class ReferenceLayout:
         return ScriptCall(
             "set_status",
             self.session_keys(session_id),
-            [ttl_ms, status, at, data, ",".join(legal_sources(status))],
+            [ttl_ms, status, at, data, _LEGAL_SOURCES[status]],
         )
 
     def apply_status_change(self, change: StatusChange, ttl_ms: int) -> ScriptCall:
@@ -407,6 +439,13 @@ class ReferenceLayout:
                 *_session_args(change.session),
             ],
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _session_keys(prefix: str, session_id: str) -> tuple[str, ...]:
+    """The keys of a session, kept for the sessions written most recently."""
+    base = f"{prefix}:session:{session_id}"
+    return (base, *(f"{base}:{child}" for child in CHILDREN))
 
 
 def _session_args(session: Session) -> list[Any]:
@@ -437,11 +476,13 @@ def _dumps(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
-def _tool_json_parts(run: ToolRun) -> tuple[str, str]:
-    """The record's JSON before and after its attempts count, in the legacy member order."""
+def _tool_json_parts(run: ToolRun) -> tuple[str, str, str]:
+    """The record's JSON before and after its attempts count, in the legacy member
+    order, and its ``updated_at`` as written there."""
+    updated_at = format_timestamp(run.updated_at)
     head = _dumps({"name": run.name, "args": run.args, "status": run.status})
-    tail = _dumps({"last_error": run.last_error, "updated_at": format_timestamp(run.updated_at)})
-    return f'{head[:-1]},"attempts":', f",{tail[1:]}"
+    tail = _dumps({"last_error": run.last_error, "updated_at": updated_at})
+    return f'{head[:-1]},"attempts":', updated_at, f",{tail[1:]}"
 
 
 def _pairs(reply: Any) -> dict[Any, Any]:
@@ -458,17 +499,42 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _unique_members(pairs: Iterable[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for name, value in pairs:
-        if name in result:
-            raise ValueError(f"member {name!r} appears twice")
-        result[name] = value
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) < len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"member {name!r} appears twice")
+            seen.add(name)
     return result
 
 
+# One decoder for every value: json.loads with these options would build a new one
+# per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constant)
+# The decoder's scanner reads one value from an index (the C one where there is one).
+_SCAN: Callable[[str, int], tuple[Any, int]] = _DECODER.scan_once  # type: ignore[attr-defined]
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` with the decoder's options, fast for text without outer whitespace."""
+    try:
+        value, end = _SCAN(text, 0)
+    except StopIteration:
+        end = -1
+    if end == len(text):
+        return value
+    # Whitespace around the value, or not JSON: the full decoder reads or explains it.
+    return _DECODER.decode(text)
+
+
 class _Reader:
-    """Turns raw reply values into Python values, raising errors that name the key."""
+    """Turns raw reply values into Python values, raising errors that name the key.
+
+    A place in a key is given as ``where`` and an optional ``detail`` (``"index 3"``,
+    ``"member 'ts'"``), joined only when an error names it.
+    """
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
@@ -481,9 +547,15 @@ class _Reader:
             where=place,
         )
 
-    def text(self, raw: Any, key: str, where: str) -> str:
-        if isinstance(raw, str):
+    def text(self, raw: Any, key: str, where: str, detail: str = "") -> str:
+        if type(raw) is bytes:
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        elif isinstance(raw, str):
             return raw
+        where = _join(where, detail)
         if not isinstance(raw, bytes | bytearray):
             raise self.error(key, where, f"expected bytes from Redis, got {type(raw).__name__}")
         try:
@@ -495,6 +567,10 @@ class _Reader:
             ) from None
 
     def field_name(self, key: str, raw: Any) -> str:
+        if type(raw) is bytes:
+            known = _KNOWN_NAMES.get(raw)
+            if known is not None:
+                return known
         if isinstance(raw, bytes | bytearray):
             try:
                 return bytes(raw).decode("utf-8")
@@ -512,21 +588,59 @@ class _Reader:
             raise self.error(key, f"field {field!r}", f"{value!r} is not a non-negative integer")
         return int(value)
 
-    def timestamp(self, value: Any, key: str, where: str) -> datetime:
+    def timestamp(self, value: Any, key: str, where: str, detail: str = "") -> datetime:
         try:
             return parse_timestamp(value)
         except ValueError as exc:
-            raise self.error(key, where, str(exc)) from None
+            raise self.error(key, _join(where, detail), str(exc)) from None
 
-    def json(self, raw: Any, key: str, where: str) -> Any:
-        text = self.text(raw, key, where)
+    def json(self, raw: Any, key: str, where: str, detail: str = "") -> Any:
+        text = self.text(raw, key, where, detail)
         try:
-            return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_members)
+            return _loads(text)
         except ValueError as exc:
-            raise self.error(key, where, f"is not valid JSON ({exc}): {text[:200]!r}") from None
+            raise self.error(
+                key, _join(where, detail), f"is not valid JSON ({exc}): {text[:200]!r}"
+            ) from None
 
     def json_object(self, raw: Any, key: str, where: str) -> dict[str, Any]:
         value = self.json(raw, key, where)
-        if not isinstance(value, dict):
+        if type(value) is not dict:
             raise self.error(key, where, f"is JSON {type(value).__name__}, expected an object")
         return value
+
+    def record(self, cls: type[_R], key: str, prepared: tuple[str, dict[str, Any]]) -> _R:
+        where, data = prepared
+        record: _R = parse(cls, data, session_id=self.session_id, where=f"key {key!r} {where}")
+        return record
+
+    def records(
+        self, cls: type[_R], key: str, prepared: Iterable[tuple[str, dict[str, Any]]]
+    ) -> tuple[_R, ...]:
+        """Validate the records of one key at once; an error names the first bad one."""
+        wheres: list[str] = []
+        items: list[dict[str, Any]] = []
+        try:
+            for where, data in prepared:
+                wheres.append(where)
+                items.append(data)
+        except ValidationError:
+            self._validate(cls, key, wheres, items)  # a record before it is reported first
+            raise
+        return self._validate(cls, key, wheres, items)
+
+    def _validate(
+        self, cls: type[_R], key: str, wheres: list[str], items: list[dict[str, Any]]
+    ) -> tuple[_R, ...]:
+        try:
+            records: tuple[_R, ...] = _BATCHES[cls].validate_python(items)
+        except pydantic.ValidationError as exc:
+            first = min(int(error["loc"][0]) for error in exc.errors())
+            # parse raises for this record, with the message a single record gets.
+            self.record(cls, key, (wheres[first], items[first]))
+            raise
+        return records
+
+
+def _join(where: str, detail: str) -> str:
+    return f"{where} {detail}" if where and detail else where or detail
