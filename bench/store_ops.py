@@ -470,7 +470,17 @@ class RedisCases:
             pipe.get(checkpoint)
             pipe.xrange(events, "-", "+")
             pipe.pttl(h)
-            return pipe.execute()
+            fields, msgs, runs, summ, ckpt, evs, ttl = pipe.execute()
+            # The same reads, and the JSON they return decoded, as any client must.
+            return (
+                fields,
+                [json.loads(m) for m in msgs],
+                {k: json.loads(v) for k, v in runs.items()},
+                json.loads(summ),
+                json.loads(ckpt),
+                [(i, {k: v for k, v in e.items()}, json.loads(e[b"data"])) for i, e in evs],
+                ttl,
+            )
 
         return op
 
