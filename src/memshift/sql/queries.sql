@@ -29,48 +29,55 @@ SELECT
     (SELECT coalesce(jsonb_agg(to_jsonb(e) - 'session_id' ORDER BY e.event_seq), '[]')::text
        FROM memshift.events e WHERE e.session_id = %(session_id)s);
 
--- name: save_session
+-- name: merge_sessions
+-- The guarded upsert of session records, from the rows given, in the column order below.
 -- A newer (version, updated_at) replaces the record; a placeholder is always
--- replaced; messages_trimmed only grows. Reports whether it changed the row, and
--- whether the row already held this version.
+-- replaced; messages_trimmed only grows; created_at only shrinks.
+INSERT INTO memshift.sessions AS s
+    (session_id, tenant_id, user_id, status, version, created_at, updated_at,
+     messages_trimmed, metadata, expires_at, next_seq)
+{{rows}}
+ON CONFLICT (session_id) DO UPDATE SET
+    tenant_id  = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                            > (s.version, s.updated_at)
+                      THEN excluded.tenant_id ELSE s.tenant_id END,
+    user_id    = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                            > (s.version, s.updated_at)
+                      THEN excluded.user_id ELSE s.user_id END,
+    -- A placeholder's status came from a replicated status change with its own
+    -- version, so only a newer version replaces it.
+    status     = CASE WHEN (excluded.version, excluded.updated_at)
+                            > (s.version, s.updated_at)
+                      THEN excluded.status ELSE s.status END,
+    created_at = CASE WHEN s.placeholder THEN excluded.created_at
+                      ELSE least(s.created_at, excluded.created_at) END,
+    metadata   = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                            > (s.version, s.updated_at)
+                      THEN excluded.metadata ELSE s.metadata END,
+    expires_at = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
+                            > (s.version, s.updated_at)
+                      THEN excluded.expires_at ELSE s.expires_at END,
+    version    = greatest(s.version, excluded.version),
+    updated_at = greatest(s.updated_at, excluded.updated_at),
+    messages_trimmed = greatest(s.messages_trimmed, excluded.messages_trimmed),
+    next_seq   = greatest(s.next_seq, excluded.messages_trimmed),
+    placeholder = false
+WHERE s.placeholder
+   OR (excluded.version, excluded.updated_at) > (s.version, s.updated_at)
+   OR excluded.messages_trimmed > s.messages_trimmed
+
+-- name: session_row
+VALUES (%(session_id)s, %(tenant_id)s, %(user_id)s, %(status)s, %(version)s,
+        %(created_at)s, %(updated_at)s, %(messages_trimmed)s, %(metadata)s,
+        %(expires_at)s, %(messages_trimmed)s)
+
+-- name: save_session
+-- Reports whether it changed the row, and whether the row already held this version.
 WITH old AS (
     SELECT version, updated_at, placeholder
       FROM memshift.sessions WHERE session_id = %(session_id)s
 ), up AS (
-    INSERT INTO memshift.sessions AS s
-        (session_id, tenant_id, user_id, status, version, created_at, updated_at,
-         messages_trimmed, metadata, expires_at, next_seq)
-    VALUES (%(session_id)s, %(tenant_id)s, %(user_id)s, %(status)s, %(version)s,
-            %(created_at)s, %(updated_at)s, %(messages_trimmed)s, %(metadata)s,
-            %(expires_at)s, %(messages_trimmed)s)
-    ON CONFLICT (session_id) DO UPDATE SET
-        tenant_id  = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
-                                > (s.version, s.updated_at)
-                          THEN excluded.tenant_id ELSE s.tenant_id END,
-        user_id    = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
-                                > (s.version, s.updated_at)
-                          THEN excluded.user_id ELSE s.user_id END,
-        -- A placeholder's status came from a replicated status change with its own
-        -- version, so only a newer version replaces it.
-        status     = CASE WHEN (excluded.version, excluded.updated_at)
-                                > (s.version, s.updated_at)
-                          THEN excluded.status ELSE s.status END,
-        created_at = CASE WHEN s.placeholder THEN excluded.created_at
-                          ELSE least(s.created_at, excluded.created_at) END,
-        metadata   = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
-                                > (s.version, s.updated_at)
-                          THEN excluded.metadata ELSE s.metadata END,
-        expires_at = CASE WHEN s.placeholder OR (excluded.version, excluded.updated_at)
-                                > (s.version, s.updated_at)
-                          THEN excluded.expires_at ELSE s.expires_at END,
-        version    = greatest(s.version, excluded.version),
-        updated_at = greatest(s.updated_at, excluded.updated_at),
-        messages_trimmed = greatest(s.messages_trimmed, excluded.messages_trimmed),
-        next_seq   = greatest(s.next_seq, excluded.messages_trimmed),
-        placeholder = false
-    WHERE s.placeholder
-       OR (excluded.version, excluded.updated_at) > (s.version, s.updated_at)
-       OR excluded.messages_trimmed > s.messages_trimmed
+    {{merge_sessions rows=session_row}}
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM up),
@@ -127,38 +134,45 @@ SELECT 1 FROM memshift.sessions WHERE session_id = %(session_id)s;
 INSERT INTO memshift.message_conflicts (session_id, seq, existing, incoming)
 VALUES (%(session_id)s, %(seq)s, %(existing)s, %(incoming)s);
 
+-- name: merge_tool_runs
+-- The guarded upsert of tool runs, from the rows given, in the column order below. Fields
+-- come from the winning write (memshift.tool_run_wins); attempts never decrease.
+INSERT INTO memshift.tool_runs AS t
+    (session_id, tool_call_id, name, args, status, attempts, last_error, updated_at,
+     content_hash)
+{{rows}}
+ON CONFLICT (session_id, tool_call_id) DO UPDATE SET
+    name = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+               excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                THEN excluded.name ELSE t.name END,
+    args = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+               excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                THEN excluded.args ELSE t.args END,
+    status = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+               excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                THEN excluded.status ELSE t.status END,
+    last_error = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+               excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                THEN excluded.last_error ELSE t.last_error END,
+    updated_at = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+               excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                THEN excluded.updated_at ELSE t.updated_at END,
+    content_hash = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+               excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                THEN excluded.content_hash ELSE t.content_hash END,
+    attempts = greatest(t.attempts, excluded.attempts)
+WHERE memshift.tool_run_wins(excluded.status, excluded.updated_at, excluded.content_hash,
+                             t.status, t.updated_at, t.content_hash)
+   OR excluded.attempts > t.attempts
+
+-- name: tool_run_row
+VALUES (%(session_id)s, %(tool_call_id)s, %(name)s, %(args)s, %(status)s, %(attempts)s,
+        %(last_error)s, %(updated_at)s, %(content_hash)s)
+
 -- name: upsert_tool_run
--- Fields from the winning write (memshift.tool_run_wins); attempts never decrease.
 -- Returns the stored run after the write, whether or not it changed.
 WITH up AS (
-    INSERT INTO memshift.tool_runs AS t
-        (session_id, tool_call_id, name, args, status, attempts, last_error, updated_at,
-         content_hash)
-    VALUES (%(session_id)s, %(tool_call_id)s, %(name)s, %(args)s, %(status)s, %(attempts)s,
-            %(last_error)s, %(updated_at)s, %(content_hash)s)
-    ON CONFLICT (session_id, tool_call_id) DO UPDATE SET
-        name = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
-                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
-                    THEN excluded.name ELSE t.name END,
-        args = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
-                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
-                    THEN excluded.args ELSE t.args END,
-        status = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
-                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
-                    THEN excluded.status ELSE t.status END,
-        last_error = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
-                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
-                    THEN excluded.last_error ELSE t.last_error END,
-        updated_at = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
-                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
-                    THEN excluded.updated_at ELSE t.updated_at END,
-        content_hash = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
-                   excluded.content_hash, t.status, t.updated_at, t.content_hash)
-                    THEN excluded.content_hash ELSE t.content_hash END,
-        attempts = greatest(t.attempts, excluded.attempts)
-    WHERE memshift.tool_run_wins(excluded.status, excluded.updated_at, excluded.content_hash,
-                                 t.status, t.updated_at, t.content_hash)
-       OR excluded.attempts > t.attempts
+    {{merge_tool_runs rows=tool_run_row}}
     RETURNING tool_call_id, name, args, status, attempts, last_error, updated_at
 )
 SELECT * FROM up
