@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from memshift.sql.migrations import migrations
 from memshift.stores.redis import RedisStore
 
 
@@ -45,10 +46,9 @@ def test_db_upgrade_then_status_reports_current_as_json(empty_pg_dsn: str) -> No
     again = memshift("--postgres-dsn", empty_pg_dsn, "db", "upgrade", "--json")
     after = memshift("--postgres-dsn", empty_pg_dsn, "db", "status", "--json")
 
-    assert before.returncode == 1 and json.loads(before.stdout)["pending"] == ["0001_truth_model"]
-    assert upgraded.returncode == 0 and json.loads(upgraded.stdout)["applied"] == [
-        "0001_truth_model"
-    ]
+    shipped = [f"{m.version:04d}_{m.name}" for m in migrations()]
+    assert before.returncode == 1 and json.loads(before.stdout)["pending"] == shipped
+    assert upgraded.returncode == 0 and json.loads(upgraded.stdout)["applied"] == shipped
     assert json.loads(again.stdout)["applied"] == []
     assert after.returncode == 0 and json.loads(after.stdout)["up_to_date"] is True
 

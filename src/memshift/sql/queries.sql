@@ -132,7 +132,8 @@ SELECT 1 FROM memshift.sessions WHERE session_id = %(session_id)s;
 
 -- name: record_message_conflict
 INSERT INTO memshift.message_conflicts (session_id, seq, existing, incoming)
-VALUES (%(session_id)s, %(seq)s, %(existing)s, %(incoming)s);
+VALUES (%(session_id)s, %(seq)s, %(existing)s, %(incoming)s)
+ON CONFLICT DO NOTHING;
 
 -- name: merge_tool_runs
 -- The guarded upsert of tool runs, from the rows given, in the column order below. Fields
@@ -260,3 +261,89 @@ SELECT session_id FROM memshift.sessions
  WHERE session_id > %(after)s
  ORDER BY session_id
  LIMIT %(limit)s;
+
+-- ---------------------------------------------------------------------------------
+-- Bulk merge (the backfill): a batch is COPYed into staging tables, then merged
+-- with the same guarded upserts as the live writes, in one transaction.
+
+-- name: stage_create
+CREATE TEMP TABLE IF NOT EXISTS stage_sessions
+    (LIKE memshift.sessions INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_messages
+    (LIKE memshift.messages) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_tool_runs
+    (LIKE memshift.tool_runs) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_summaries
+    (LIKE memshift.summaries) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_checkpoints
+    (LIKE memshift.checkpoints) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_events
+    (LIKE memshift.events) ON COMMIT DELETE ROWS
+
+-- name: stage_session_rows
+SELECT session_id, tenant_id, user_id, status, version, created_at, updated_at,
+       messages_trimmed, metadata, expires_at, messages_trimmed
+  FROM stage_sessions
+
+-- name: bulk_merge_sessions
+{{merge_sessions rows=stage_session_rows}}
+RETURNING session_id
+
+-- name: bulk_merge_messages
+INSERT INTO memshift.messages (session_id, seq, message_id, role, content, ts, tool_call_id)
+SELECT session_id, seq, message_id, role, content, ts, tool_call_id FROM stage_messages
+ON CONFLICT DO NOTHING
+RETURNING session_id
+
+-- name: bulk_message_conflicts
+-- Staged messages whose seq or id holds other content: recorded, never applied.
+INSERT INTO memshift.message_conflicts (session_id, seq, existing, incoming)
+SELECT st.session_id, st.seq, to_jsonb(m) - 'session_id', to_jsonb(st) - 'session_id'
+  FROM stage_messages st
+  JOIN memshift.messages m
+    ON m.session_id = st.session_id AND (m.seq = st.seq OR m.message_id = st.message_id)
+ WHERE (m.seq, m.message_id, m.role, m.content, m.tool_call_id)
+       IS DISTINCT FROM (st.seq, st.message_id, st.role, st.content, st.tool_call_id)
+ON CONFLICT DO NOTHING
+RETURNING session_id
+
+-- name: bulk_next_seq
+UPDATE memshift.sessions s
+   SET next_seq = staged.next_seq
+  FROM (SELECT session_id, max(seq) + 1 AS next_seq
+          FROM stage_messages GROUP BY session_id) AS staged
+ WHERE s.session_id = staged.session_id AND s.next_seq < staged.next_seq
+
+-- name: stage_tool_run_rows
+SELECT session_id, tool_call_id, name, args, status, attempts, last_error, updated_at,
+       content_hash
+  FROM stage_tool_runs
+
+-- name: bulk_merge_tool_runs
+{{merge_tool_runs rows=stage_tool_run_rows}}
+RETURNING session_id
+
+-- name: bulk_merge_summaries
+INSERT INTO memshift.summaries (session_id, version, text, covers_through, updated_at)
+SELECT session_id, version, text, covers_through, updated_at FROM stage_summaries
+ON CONFLICT DO NOTHING
+RETURNING session_id
+
+-- name: bulk_merge_checkpoints
+INSERT INTO memshift.checkpoints (session_id, checkpoint_id, parent_id, step, state, created_at)
+SELECT session_id, checkpoint_id, parent_id, step, state, created_at FROM stage_checkpoints
+ON CONFLICT DO NOTHING
+RETURNING session_id
+
+-- name: bulk_merge_events
+INSERT INTO memshift.events (session_id, event_seq, type, from_status, to_status, at, data)
+SELECT session_id, event_seq, type, from_status, to_status, at, data FROM stage_events
+ON CONFLICT DO NOTHING
+RETURNING session_id
+
+-- name: bulk_next_event_seq
+UPDATE memshift.sessions s
+   SET next_event_seq = staged.next_event_seq
+  FROM (SELECT session_id, max(event_seq) + 1 AS next_event_seq
+          FROM stage_events GROUP BY session_id) AS staged
+ WHERE s.session_id = staged.session_id AND s.next_event_seq < staged.next_event_seq

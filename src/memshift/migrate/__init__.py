@@ -1,0 +1,1 @@
+"""The migration's jobs: bulk merge, backfill (and, later, parity, repair, rehearsal)."""

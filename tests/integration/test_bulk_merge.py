@@ -1,0 +1,91 @@
+"""The backfill's bulk merge and the live writes converge, whichever lands first."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memshift.migrate.bulk import merge_states
+from memshift.model import SessionState
+from memshift.stores.postgres import PostgresStore
+from tests.conftest import create_database, drop_database
+from tests.integration.test_postgres_convergence import apply, without_id, write_logs
+
+
+@pytest.fixture(scope="module")
+def dsn(pg_admin_dsn: str, pg_template: str) -> Iterator[str]:
+    name = f"memshift_bulk_{uuid.uuid4().hex[:10]}"
+    yield create_database(pg_admin_dsn, name, pg_template)
+    drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture(scope="module")
+def store(dsn: str) -> Iterator[PostgresStore]:
+    with PostgresStore(dsn) as made:
+        yield made
+
+
+def renamed(state: SessionState, sid: str) -> SessionState:
+    return state.model_copy(
+        update={"session": state.session.model_copy(update={"session_id": sid})}
+    )
+
+
+def bulk(dsn: str, *states: SessionState) -> Any:
+    with psycopg.connect(dsn) as conn, conn.transaction():
+        return merge_states(conn, list(states))
+
+
+_counter = iter(range(10**9))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(log=write_logs(), data=st.data())
+def test_a_backfilled_session_and_live_writes_converge_in_any_order(
+    store: PostgresStore, dsn: str, log: list[tuple[str, Any]], data: st.DataObject
+) -> None:
+    n = next(_counter)
+    truth_id, bulk_first, live_first = f"truth-{n}", f"bulk-first-{n}", f"live-first-{n}"
+    for write in log:
+        apply(store, truth_id, write)
+    truth = store.load_session(truth_id)
+    assert truth is not None
+    live = data.draw(st.lists(st.sampled_from(log), max_size=len(log)))
+
+    bulk(dsn, renamed(truth, bulk_first))
+    for write in live:
+        apply(store, bulk_first, write)
+    for write in live:
+        apply(store, live_first, write)
+    bulk(dsn, renamed(truth, live_first))
+
+    assert without_id(store.load_session(bulk_first)) == without_id(truth)
+    assert without_id(store.load_session(live_first)) == without_id(truth)
+
+
+def test_merging_a_batch_twice_changes_nothing_the_second_time(
+    store: PostgresStore, dsn: str
+) -> None:
+    from memshift.generate import generate_sessions
+
+    for generated in generate_sessions(5, seed=3, namespace="twice"):
+        generated.play(store)
+    states = [s for s in (store.load_session(g.session_id)
+                          for g in generate_sessions(5, seed=3, namespace="twice")) if s]
+    renamed_states = [renamed(s, "copy-" + s.session_id) for s in states]
+
+    first = bulk(dsn, *renamed_states)
+    second = bulk(dsn, *renamed_states)
+
+    assert first.changed == {s.session_id for s in renamed_states}
+    assert second.changed == set() and second.unchanged(renamed_states) == 5
+    for original, copy in zip(states, renamed_states, strict=True):
+        assert without_id(store.load_session(copy.session_id)) == without_id(original)
