@@ -19,6 +19,7 @@ import redis
 
 from memshift import embedded
 from memshift.sql.migrations import upgrade
+from tests.integration.redis_cluster import redis_cluster_url as redis_cluster_url
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/0"

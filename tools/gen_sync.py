@@ -25,6 +25,7 @@ SYNC_DIR = ROOT / "src" / "memshift" / "stores" / "_sync"
 HAND_WRITTEN = {"__init__.py", "_clients.py"}
 REPLACEMENTS = {
     "AsyncRedis": "Redis",
+    "AsyncRedisCluster": "RedisCluster",
     "AsyncRedisStore": "RedisStore",
     "AsyncStore": "Store",
     "AsyncPostgresStore": "PostgresStore",

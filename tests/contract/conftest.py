@@ -10,7 +10,7 @@ from memshift.stores.base import AsyncStore, Store
 from memshift.stores.postgres import AsyncPostgresStore, PostgresStore
 from memshift.stores.redis import AsyncRedisStore, RedisStore
 
-STORES = ["postgres", "redis-reference"]
+STORES = ["postgres", "redis-reference", "redis-reference-hashtag"]
 
 
 @pytest.fixture(params=STORES)

@@ -13,7 +13,7 @@ import pytest
 from memshift.errors import ValidationError
 from memshift.model import TERMINAL_TOOL_STATUSES, TOOL_STATUS_RANK
 from memshift.stores.layouts import get_layout
-from memshift.stores.layouts.reference import ReferenceLayout
+from memshift.stores.layouts.reference import CHILDREN, ReferenceLayout
 from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
 
 T0 = datetime(2026, 5, 19, 10, 0, tzinfo=UTC)
@@ -238,6 +238,34 @@ def test_get_layout_builds_the_reference_layout_with_its_prefix() -> None:
 
     assert layout.session_keys("s")[0] == "p:session:s"
     assert len(layout.session_keys("s")) == 6
+
+
+def test_hash_tag_layout_puts_the_session_id_in_braces_on_every_key() -> None:
+    layout = get_layout("reference-hashtag", prefix="p")
+
+    assert layout.name == "reference-hashtag"
+    assert layout.session_keys("s") == [
+        "p:session:{s}",
+        *(f"p:session:{{s}}:{child}" for child in CHILDREN),
+    ]
+    assert layout.scan_pattern() == "p:session:{*}"
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (b"agent:session:{s1}", "s1"),
+        (b"agent:session:{a:b}", "a:b"),
+        (b"agent:session:{s1:messages}", "s1:messages"),  # braces end the ambiguity
+        (b"agent:session:{s1}:messages", None),
+        (b"agent:session:{s1}:tools", None),
+        (b"agent:session:s1", None),
+        (b"agent:session:{}", None),
+        (b"other:session:{s1}", None),
+    ],
+)
+def test_hash_tag_layout_names_only_its_session_hashes(key: bytes, expected: str | None) -> None:
+    assert ReferenceLayout(hash_tag=True).session_id_from_key(key) == expected
 
 
 def test_written_timestamps_are_fixed_width_and_read_back() -> None:

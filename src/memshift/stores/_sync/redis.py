@@ -6,6 +6,14 @@ Lua script of the layout (loaded once, then called by SHA) that applies the
 monotonic rules of DESIGN §2 atomically inside Redis. Inputs are validated before
 any I/O, so a bad argument changes nothing.
 
+Redis Cluster works too (a ``RedisCluster`` client or a ``redis+cluster://`` URL).
+Reads need nothing of the keys: the cluster pipeline sends each command to the
+primary of its key's slot, one round trip per node, so the legacy layout (whose
+six keys of a session hash to different slots) reads as it is. ``list_sessions``
+scans every primary. A Lua script runs on one node only, so writes need every key
+of the session in one slot (a layout with a hash tag, such as
+``reference-hashtag``); otherwise they raise ConfigError before sending anything.
+
 Written once, async; the sync ``RedisStore`` is generated from this file by
 ``tools/gen_sync.py``, so nothing here may differ between the two but
 ``async``/``await`` and the names that script swaps.
@@ -20,8 +28,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from redis.crc import key_slot
+from redis.exceptions import ClusterError, RedisClusterException, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from memshift.errors import (
@@ -52,25 +61,35 @@ from memshift.model import (
     now,
     parse,
 )
+from memshift.redact import redact
 from memshift.stores.base import Outcome
 from memshift.stores.layouts import Layout, ScriptCall, get_layout
 from memshift.stores.layouts.timestamps import format_timestamp
 
-from ._clients import Redis, ScriptHandle, close_client, queue_command
+from ._clients import Redis, RedisCluster, ScriptHandle, close_client, queue_command
 
 __all__ = ["RedisStore"]
 
 # A tool-run merge that Python decides is written only if the stored record did not
 # change meanwhile; under contention it is retried this many times.
 _MAX_MERGE_ROUNDS = 16
+# URL schemes that make a Redis Cluster client, and the scheme redis-py takes for each.
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# What a client raises when the server (or, in a cluster, no node) can be reached.
+# ClusterError (cluster down, redirections exhausted) is a ResponseError: catch it first.
+_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, RedisClusterException)
 
 
 class RedisStore:
     """A :class:`~memshift.stores.base.AsyncStore` over Redis keys in a given layout.
 
-    ``client_or_url`` is a client (left open on :meth:`close`) or a ``redis://`` URL
-    (the store owns that client). The client must return bytes
-    (``decode_responses=False``), since values are checked as strict UTF-8 here.
+    ``client_or_url`` is a client (left open on :meth:`close`) or a URL (the store
+    owns that client): ``redis://``, ``rediss://`` or ``unix://`` for one server,
+    ``redis+cluster://host:port`` (``rediss+cluster://`` for TLS) for a Redis Cluster
+    reached through that node. A ``RedisCluster`` client works as well. The client
+    must return bytes (``decode_responses=False``), since values are checked as
+    strict UTF-8 here. In a cluster every write raises ConfigError unless all keys
+    of the session share a slot (see the module docstring).
     ``ttl_seconds`` is refreshed on every key of a session at every write; ``None``
     keeps the TTL the session already has.
     """
@@ -79,7 +98,7 @@ class RedisStore:
 
     def __init__(
         self,
-        client_or_url: Redis | str,
+        client_or_url: Redis | RedisCluster | str,
         *,
         layout: Layout | str = "reference",
         prefix: str = "agent",
@@ -95,14 +114,15 @@ class RedisStore:
         chosen = get_layout(layout, prefix) if isinstance(layout, str) else layout
         self._layout: Layout = chosen
         self._ttl_ms = 0 if ttl_seconds is None else ttl_seconds * 1000
+        self._client: Redis | RedisCluster
         if isinstance(client_or_url, str):
-            self._client = Redis.from_url(client_or_url, decode_responses=False)
+            self._client = _open(client_or_url)
             self._owns_client = True
         else:
             self._client = client_or_url
             self._owns_client = False
-        kwargs = self._client.connection_pool.connection_kwargs
-        if kwargs.get("decode_responses"):
+        self._cluster = isinstance(self._client, RedisCluster)
+        if self._client.get_encoder().decode_responses:
             raise ConfigError(
                 "the Redis client decodes responses; give one made with "
                 "decode_responses=False, so that values are checked as strict UTF-8"
@@ -133,7 +153,7 @@ class RedisStore:
             queue_command(pipe, command)
         try:
             replies = pipe.execute(raise_on_error=False)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
+        except _UNREACHABLE as exc:
             raise self._unreachable(exc) from None
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ResponseError):
@@ -146,23 +166,23 @@ class RedisStore:
         return self._layout.decode(sid, list(replies))
 
     def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]:
-        """Every session id, by SCAN over session hashes (never KEYS); may repeat ids."""
-        pattern = self._layout.scan_pattern()
-        cursor = 0
-        while True:
-            try:
-                cursor, keys = self._client.scan(
-                    cursor, match=pattern, count=batch_size, _type="hash"
-                )
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                raise self._unreachable(exc) from None
+        """Every session id, by SCAN over session hashes (never KEYS); may repeat ids.
+
+        In a cluster every primary is scanned in turn (replicas hold copies of the
+        same keys, so they are left out); each key lives on one primary, so an id
+        repeats only when its hash moves between nodes during the scan.
+        """
+        keys = self._client.scan_iter(
+            match=self._layout.scan_pattern(), count=batch_size, _type="hash"
+        )
+        try:
             for key in keys:
                 raw = key if isinstance(key, bytes) else str(key).encode()
                 session_id = self._layout.session_id_from_key(raw)
                 if session_id is not None:
                     yield session_id
-            if cursor == 0:
-                return
+        except _UNREACHABLE as exc:
+            raise self._unreachable(exc) from None
 
     # -- writes -----------------------------------------------------------------------
 
@@ -303,6 +323,8 @@ class RedisStore:
     # -- plumbing ---------------------------------------------------------------------
 
     def _run(self, session_id: str, call: ScriptCall) -> list[Any]:
+        if self._cluster:
+            self._check_one_slot(session_id, call)
         script = self._scripts.get(call.script)
         if script is None:
             text = _script_text(self._layout.script_dir(), call.script)
@@ -310,6 +332,8 @@ class RedisStore:
             self._scripts[call.script] = script
         try:
             reply = script(keys=call.keys, args=call.args)
+        except _UNREACHABLE as exc:
+            raise self._unreachable(exc) from None
         except ResponseError as exc:
             raise ValidationError(
                 f"session {session_id!r}: Redis refused {call.script} ({exc}); "
@@ -317,8 +341,6 @@ class RedisStore:
                 session_id=session_id,
                 where=call.script,
             ) from None
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            raise self._unreachable(exc) from None
         result = list(reply)
         if result and _text(result[0]) == "invalid":
             key, field, what = (_text(part) for part in result[1:4])
@@ -330,22 +352,58 @@ class RedisStore:
             )
         return result
 
+    def _check_one_slot(self, session_id: str, call: ScriptCall) -> None:
+        """Refuse a script whose keys the cluster keeps in different slots.
+
+        Redis Cluster runs a script on one node and only on keys of one slot; the
+        client would refuse it too, but without saying what to do about it.
+        """
+        slots = {key_slot(key.encode("utf-8", "surrogateescape")) for key in call.keys}
+        if len(slots) > 1:
+            raise ConfigError(
+                f"session {session_id!r}: {call.script} needs its keys {call.keys!r} in one "
+                f"hash slot of the Redis Cluster, but they are in {len(slots)} slots. "
+                f"Layout {self._layout.name!r} names keys without a shared hash tag, so "
+                "memshift can read such sessions (load_session, list_sessions, backfill) "
+                "but not write them atomically; to write to a cluster, use a layout whose "
+                "keys share a hash tag, such as 'reference-hashtag' "
+                "(ReferenceLayout(prefix, hash_tag=True))"
+            )
+
     def _unreachable(self, exc: Exception) -> StoreUnavailable:
         """The connection failure as StoreUnavailable naming the server, not secrets."""
-        kwargs = self._client.connection_pool.connection_kwargs
-        where = (
-            f"unix socket {kwargs['path']}"
-            if kwargs.get("path")
-            else f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
-        )
+        kwargs = self._client.get_connection_kwargs()
+        if isinstance(self._client, RedisCluster):
+            nodes = ", ".join(self._client.nodes_manager.startup_nodes) or "no known node"
+            where = f"Redis Cluster via {nodes}"
+        elif kwargs.get("path"):
+            where = f"Redis at unix socket {kwargs['path']}"
+        else:
+            where = f"Redis at {kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"
         detail = str(exc)
         password = kwargs.get("password")
         if password:
             detail = detail.replace(str(password), "***")
         return StoreUnavailable(
-            f"Redis at {where} cannot be reached ({type(exc).__name__}: {detail}); "
+            f"{where} cannot be reached ({type(exc).__name__}: {redact(detail)}); "
             "check that it runs and that the URL is right"
         )
+
+
+def _open(url: str) -> Redis | RedisCluster:
+    """The client a URL names: one server, or a cluster for ``redis+cluster://``."""
+    scheme, separator, rest = url.partition("://")
+    plain = CLUSTER_SCHEMES.get(scheme.lower()) if separator else None
+    if plain is None:
+        return Redis.from_url(url, decode_responses=False)
+    try:
+        # The sync cluster client asks a node for the slot map right here.
+        return RedisCluster.from_url(f"{plain}://{rest}", decode_responses=False)
+    except _UNREACHABLE as exc:
+        raise StoreUnavailable(
+            f"Redis Cluster at {redact(url)} cannot be reached ({type(exc).__name__}: "
+            f"{redact(str(exc))}); check that its nodes run and that the URL is right"
+        ) from None
 
 
 def _text(value: Any) -> str:

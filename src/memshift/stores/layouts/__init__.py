@@ -31,6 +31,8 @@ knows how it encodes them. Replies, by script:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -131,10 +133,14 @@ def get_layout(name: str, prefix: str = "agent") -> Layout:
     from memshift.errors import ConfigError
     from memshift.stores.layouts.reference import ReferenceLayout
 
-    layouts: dict[str, type[Any]] = {"reference": ReferenceLayout}
+    layouts: dict[str, Callable[[str], Any]] = {
+        "reference": ReferenceLayout,
+        # The reference layout with the session id as a hash tag, for Redis Cluster.
+        "reference-hashtag": functools.partial(ReferenceLayout, hash_tag=True),
+    }
     if name not in layouts:
         raise ConfigError(
             f"unknown Redis layout {name!r}; known layouts: {', '.join(sorted(layouts))}"
         )
-    layout: Layout = layouts[name](prefix=prefix)
+    layout: Layout = layouts[name](prefix)
     return layout

@@ -116,10 +116,23 @@ _BATCHES: dict[type[Record], TypeAdapter[Any]] = {
 
 
 class ReferenceLayout:
+    """The reference layout; with ``hash_tag=True``, its Redis Cluster variant.
+
+    ``hash_tag=True`` writes the session id in braces (``{p}:session:{{sid}}``,
+    ``{p}:session:{{sid}}:messages``, ...), so that Redis Cluster hashes only the id
+    and all keys of a session land in one slot, where its Lua-guarded writes can run.
+    Those are other key names than the legacy ones: choose it for a cluster that
+    memshift (or an application using these names) writes, not to read a legacy
+    cluster whose keys have no braces; reading those needs no hash tag.
+    """
+
     name = "reference"
 
-    def __init__(self, prefix: str = "agent") -> None:
+    def __init__(self, prefix: str = "agent", *, hash_tag: bool = False) -> None:
         self.prefix = prefix
+        self.hash_tag = hash_tag
+        if hash_tag:
+            self.name = "reference-hashtag"
 
     # -- keys -------------------------------------------------------------------------
 
@@ -127,13 +140,15 @@ class ReferenceLayout:
         return Path(__file__).parent / "lua"
 
     def _base(self, session_id: str) -> str:
-        return f"{self.prefix}:session:{session_id}"
+        return _session_keys(self.prefix, session_id, self.hash_tag)[0]
 
     def session_keys(self, session_id: str) -> list[str]:
-        return list(_session_keys(self.prefix, session_id))
+        return list(_session_keys(self.prefix, session_id, self.hash_tag))
 
     def scan_pattern(self) -> str:
-        return _GLOB.sub(r"\\\1", self.prefix) + ":session:*"
+        # Braces are not glob characters in Redis: ``{*}`` matches them literally.
+        tail = ":session:{*}" if self.hash_tag else ":session:*"
+        return _GLOB.sub(r"\\\1", self.prefix) + tail
 
     def session_id_from_key(self, key: bytes) -> str | None:
         # Invalid UTF-8 is kept (as lone surrogates) so the caller can quarantine the
@@ -143,6 +158,11 @@ class ReferenceLayout:
         if not text.startswith(head):
             return None
         session_id = text[len(head) :]
+        if self.hash_tag:
+            # A child key ends with ``}:child``, the hash with ``}``: no ambiguity here.
+            if len(session_id) < 3 or session_id[0] != "{" or session_id[-1] != "}":
+                return None
+            return session_id[1:-1]
         if not session_id or any(session_id.endswith(f":{child}") for child in CHILDREN):
             return None
         return session_id
@@ -442,9 +462,9 @@ class ReferenceLayout:
 
 
 @functools.lru_cache(maxsize=1024)
-def _session_keys(prefix: str, session_id: str) -> tuple[str, ...]:
+def _session_keys(prefix: str, session_id: str, hash_tag: bool = False) -> tuple[str, ...]:
     """The keys of a session, kept for the sessions written most recently."""
-    base = f"{prefix}:session:{session_id}"
+    base = f"{prefix}:session:{{{session_id}}}" if hash_tag else f"{prefix}:session:{session_id}"
     return (base, *(f"{base}:{child}" for child in CHILDREN))
 
 
