@@ -244,6 +244,156 @@ def demo_cmd(
         emit_json(report)
 
 
+quarantine_app = typer.Typer(help="Sessions that could not be migrated as they are.")
+app.add_typer(quarantine_app, name="quarantine", no_args_is_help=True)
+
+
+@app.command("backfill")
+def backfill_cmd(
+    ctx: typer.Context,
+    layout: Annotated[
+        str | None, typer.Option("--layout", help="Redis layout [default: the global one].")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="Redis key prefix [default: the global one].")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option("--workers", "-w", min=1, help="Worker processes.")
+    ] = 1,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=100_000, help="Sessions per batch.")
+    ] = 200,
+    lease_seconds: Annotated[
+        float,
+        typer.Option("--lease-seconds", min=0.1, help="A dead worker's batch is retaken after."),
+    ] = 30.0,
+    fail_on_quarantine: Annotated[
+        bool,
+        typer.Option("--fail-on-quarantine", help="Exit 9 if any session was quarantined."),
+    ] = False,
+    status: Annotated[
+        bool, typer.Option("--status", help="Show the latest runs instead of running.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Copy every session in Redis into PostgreSQL: resumable, parallel, safe beside
+    live writes.
+
+    Run it again after an interruption: it joins the unfinished run and goes on where
+    it stopped. Sessions that cannot be read are quarantined with a reason; the run
+    goes on (see `memshift quarantine list`).
+    """
+    from memshift.migrate.backfill import BackfillOptions, backfill, connect, runs
+    from memshift.observe.progress import BackfillProgress
+
+    settings = settings_of(ctx)
+    if status:
+        with connect(need_postgres(settings)) as conn:
+            found = runs(conn)
+        if as_json:
+            emit_json([r.as_json() | r.extra for r in found])
+            return
+        table = Table("run", "state", "source", "seen", "done", "migrated", "unchanged",
+                      "quarantined", "vanished", "messages", "seconds", title="backfill runs")
+        for r in found:
+            table.add_row(str(r.run_id), r.state, f"{r.extra['source']} {r.extra['prefix']}",
+                          f"{r.sessions_seen:,}", f"{r.sessions_done:,}", f"{r.migrated:,}",
+                          f"{r.unchanged:,}", f"{r.quarantined:,}", f"{r.vanished:,}",
+                          f"{r.messages:,}", f"{r.seconds:,.1f}")
+        out.print(table)
+        return
+    options = BackfillOptions(
+        layout=layout or settings.layout,
+        prefix=prefix or settings.prefix,
+        workers=workers,
+        batch_size=batch_size,
+        lease_seconds=lease_seconds,
+    )
+    with BackfillProgress(err, quiet=as_json) as progress:
+        summary = backfill(settings, options, on_progress=progress.update)
+    if as_json:
+        emit_json(summary.as_json())
+    else:
+        data = summary.as_json()
+        out.print(
+            f"backfill run {summary.run_id} {summary.state}: {summary.migrated:,} migrated, "
+            f"{summary.unchanged:,} unchanged, {summary.quarantined:,} quarantined, "
+            f"{summary.vanished:,} vanished; {summary.messages:,} messages in "
+            f"{summary.seconds:,.1f} s ({data['sessions_per_second']:,} sessions/s, "
+            f"{data['messages_per_second']:,} messages/s)"
+        )
+        if summary.quarantined:
+            out.print("[yellow]see `memshift quarantine list` for the quarantined sessions[/]")
+    if fail_on_quarantine and summary.quarantined:
+        raise typer.Exit(9)
+
+
+@quarantine_app.command("list")
+def quarantine_list(
+    ctx: typer.Context,
+    show_all: Annotated[bool, typer.Option("--all", help="Resolved entries too.")] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
+    as_json: JsonFlag = False,
+) -> None:
+    """The quarantined sessions, newest first, with the reason for each."""
+    from memshift.migrate.backfill import connect
+    from memshift.migrate.quarantine import entries
+
+    with connect(need_postgres(settings_of(ctx))) as conn:
+        found = entries(conn, state=None if show_all else "open", limit=limit)
+    if as_json:
+        emit_json([vars(e) for e in found])
+        return
+    table = Table("id", "session", "state", "seen", "last seen", "reason", title="quarantine")
+    for e in found:
+        table.add_row(str(e.id), escape(e.session_id), e.state, str(e.seen),
+                      e.last_seen.isoformat(timespec="seconds"), escape(e.reason))
+    out.print(table)
+
+
+@quarantine_app.command("show")
+def quarantine_show(
+    ctx: typer.Context,
+    entry_id: Annotated[int, typer.Argument(help="The id from `memshift quarantine list`.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """One quarantined session: why, and every key of it as Redis held it."""
+    import base64
+
+    from memshift.migrate.backfill import connect
+    from memshift.migrate.quarantine import entry
+
+    with connect(need_postgres(settings_of(ctx))) as conn:
+        row = entry(conn, entry_id)
+    row["session_key"] = base64.b64encode(row["session_key"]).decode()
+    if as_json:
+        emit_json(row)
+        return
+    out.print(f"[bold]{escape(row['session_id'])}[/] ({row['source']}, {row['state']}, "
+              f"seen {row['seen']} times)")
+    out.print(f"reason: {escape(row['reason'])}")
+    out.print_json(data=row["raw"])
+
+
+@quarantine_app.command("retry")
+def quarantine_retry(
+    ctx: typer.Context,
+    entry_ids: Annotated[
+        list[int] | None, typer.Argument(help="Ids to retry [default: every open entry].")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Read quarantined sessions from Redis again and migrate those now valid."""
+    from memshift.migrate.backfill import retry_quarantine
+
+    outcome = retry_quarantine(settings_of(ctx), entry_ids or None)
+    if as_json:
+        emit_json(outcome)
+    else:
+        out.print(f"{outcome['migrated']} migrated, {outcome['still_bad']} still quarantined, "
+                  f"{outcome['vanished']} gone from Redis")
+
+
 def main() -> None:
     """Entry point: usage errors are typer's; memshift errors become a message and code."""
     try:

@@ -35,7 +35,7 @@ __all__ = ["CONFIG_FILENAME", "Settings", "describe", "load_settings", "redact",
 
 CONFIG_FILENAME: Final = "memshift.toml"
 _TOML_TABLE: Final = "memshift"
-REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
+REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 # A ``:secret@`` left after redaction: a colon not starting ``//`` and not ``:***@``.
 _LOOKS_LIKE_PASSWORD: Final = re.compile(r":(?!\*\*\*@)[^:/@\s]*@")
 

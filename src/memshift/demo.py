@@ -10,48 +10,23 @@ demo shows what each store holds and whether the two agree on what a resume need
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import redis
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskProgressColumn,
-    TextColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from memshift import embedded
 from memshift.config import Settings
 from memshift.generate import Call, GeneratedSession, generate_sessions
 from memshift.model import SessionState, StatusChange
+from memshift.observe.progress import progress
 from memshift.redact import redact
 from memshift.sql.migrations import upgrade
 from memshift.stores.base import Store
 from memshift.stores.layouts import get_layout
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
-
-
-@contextmanager
-def progress(console: Console, quiet: bool) -> Iterator[Progress]:
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=quiet or not console.is_terminal,
-    )
-    with bar:
-        yield bar
 
 
 def legacy_housekeeping(client: redis.Redis, prefix: str, generated: GeneratedSession) -> None:

@@ -384,6 +384,42 @@ class SessionState(Record):
             *(e.at for e in self.events),
         ]
 
+    def problems(self) -> list[str]:
+        """What makes this session unfit to migrate as it is (empty when it is fit).
+
+        Records are valid one by one; these are faults of the whole: a message id
+        used twice, seqs out of order, a checkpoint chain with a cycle.
+        """
+        found: list[str] = []
+        seen: dict[str, int | None] = {}
+        last = -1
+        for message in self.messages:
+            if message.message_id in seen:
+                found.append(
+                    f"message id {message.message_id!r} is used at seq {seen[message.message_id]}"
+                    f" and again at seq {message.seq}"
+                )
+            seen[message.message_id] = message.seq
+            if message.seq is not None:
+                if message.seq <= last:
+                    found.append(f"message seq {message.seq} follows seq {last}")
+                last = message.seq
+        parents = {c.checkpoint_id: c.parent_id for c in self.checkpoints}
+        for start in parents:
+            path = [start]
+            node = parents.get(start)
+            while node is not None and node in parents:
+                if node in path:
+                    found.append(
+                        "checkpoint chain has a cycle: " + " -> ".join([*path, node])
+                    )
+                    break
+                path.append(node)
+                node = parents[node]
+            if found and found[-1].startswith("checkpoint chain"):
+                break
+        return found
+
     def tool_run(self, tool_call_id: str) -> ToolRun | None:
         return next((t for t in self.tool_runs if t.tool_call_id == tool_call_id), None)
 

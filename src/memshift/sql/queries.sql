@@ -347,3 +347,129 @@ UPDATE memshift.sessions s
   FROM (SELECT session_id, max(event_seq) + 1 AS next_event_seq
           FROM stage_events GROUP BY session_id) AS staged
  WHERE s.session_id = staged.session_id AND s.next_event_seq < staged.next_event_seq
+
+-- ---------------------------------------------------------------------------------
+-- Backfill runs and batches.
+
+-- name: backfill_start_or_join
+-- The one unfinished run for this source, or a new one.
+INSERT INTO memshift.backfill_runs AS r (format, source, layout, prefix, batch_size)
+VALUES (%(format)s, %(source)s, %(layout)s, %(prefix)s, %(batch_size)s)
+ON CONFLICT (source, layout, prefix) WHERE state IN ('discovering', 'copying')
+DO UPDATE SET updated_at = now()
+RETURNING run_id, format, source, layout, prefix, batch_size, state, scan_cursors,
+          sessions_seen, batches_total, started_at, updated_at, finished_at
+
+-- name: backfill_mark_seen
+-- Ids discovery has not seen before in this run (SCAN may return a key twice).
+INSERT INTO memshift.backfill_seen (run_id, session_id)
+SELECT %(run_id)s, unnest(%(ids)s::text[])
+ON CONFLICT DO NOTHING
+RETURNING session_id
+
+-- name: backfill_add_batch
+WITH r AS (
+    UPDATE memshift.backfill_runs SET batches_total = batches_total + 1, updated_at = now()
+     WHERE run_id = %(run_id)s
+    RETURNING batches_total - 1 AS batch_no
+)
+INSERT INTO memshift.backfill_batches (run_id, batch_no, session_ids)
+SELECT %(run_id)s, r.batch_no, %(ids)s FROM r
+
+-- name: backfill_save_cursor
+UPDATE memshift.backfill_runs
+   SET scan_cursors = %(cursors)s, sessions_seen = sessions_seen + %(seen)s,
+       updated_at = now()
+ WHERE run_id = %(run_id)s
+
+-- name: backfill_discovered
+UPDATE memshift.backfill_runs SET state = 'copying', updated_at = now()
+ WHERE run_id = %(run_id)s AND state = 'discovering'
+
+-- name: backfill_claim
+-- The next batch that nobody holds (or whose holder's lease ran out).
+UPDATE memshift.backfill_batches b
+   SET claimed_by = %(worker)s,
+       lease_until = now() + make_interval(secs => %(lease)s),
+       attempts = b.attempts + 1
+ WHERE (b.run_id, b.batch_no) = (
+        SELECT run_id, batch_no FROM memshift.backfill_batches
+         WHERE run_id = %(run_id)s AND state = 'pending'
+           AND (lease_until IS NULL OR lease_until < now())
+         ORDER BY batch_no
+         LIMIT 1
+           FOR UPDATE SKIP LOCKED)
+RETURNING b.batch_no, b.session_ids
+
+-- name: backfill_state
+SELECT r.state,
+       (SELECT count(*) FROM memshift.backfill_batches b
+         WHERE b.run_id = r.run_id AND b.state = 'pending')
+  FROM memshift.backfill_runs r WHERE r.run_id = %(run_id)s
+
+-- name: backfill_finish_batch
+UPDATE memshift.backfill_batches
+   SET state = 'done', done_at = now(), migrated = %(migrated)s,
+       unchanged = %(unchanged)s, quarantined = %(quarantined)s,
+       vanished = %(vanished)s, messages = %(messages)s, claimed_by = %(worker)s
+ WHERE run_id = %(run_id)s AND batch_no = %(batch_no)s AND state = 'pending'
+RETURNING 1
+
+-- name: backfill_complete
+UPDATE memshift.backfill_runs SET state = 'completed', finished_at = now(), updated_at = now()
+ WHERE run_id = %(run_id)s AND state = 'copying'
+   AND NOT EXISTS (SELECT 1 FROM memshift.backfill_batches
+                    WHERE run_id = %(run_id)s AND state = 'pending')
+
+-- name: backfill_runs
+SELECT r.*, now() AS now,
+       count(b.*) FILTER (WHERE b.state = 'done') AS batches_done,
+       coalesce(sum(b.migrated), 0)::bigint AS migrated,
+       coalesce(sum(b.unchanged), 0)::bigint AS unchanged,
+       coalesce(sum(b.quarantined), 0)::bigint AS quarantined,
+       coalesce(sum(b.vanished), 0)::bigint AS vanished,
+       coalesce(sum(b.messages), 0)::bigint AS messages
+  FROM memshift.backfill_runs r
+  LEFT JOIN memshift.backfill_batches b ON b.run_id = r.run_id
+ GROUP BY r.run_id
+ ORDER BY r.run_id DESC
+ LIMIT %(limit)s
+
+-- name: backfill_run
+SELECT r.*, now() AS now,
+       count(b.*) FILTER (WHERE b.state = 'done') AS batches_done,
+       coalesce(sum(b.migrated), 0)::bigint AS migrated,
+       coalesce(sum(b.unchanged), 0)::bigint AS unchanged,
+       coalesce(sum(b.quarantined), 0)::bigint AS quarantined,
+       coalesce(sum(b.vanished), 0)::bigint AS vanished,
+       coalesce(sum(b.messages), 0)::bigint AS messages
+  FROM memshift.backfill_runs r
+  LEFT JOIN memshift.backfill_batches b ON b.run_id = r.run_id
+ WHERE r.run_id = %(run_id)s
+ GROUP BY r.run_id
+
+-- ---------------------------------------------------------------------------------
+-- Quarantine.
+
+-- name: quarantine_record
+INSERT INTO memshift.quarantine AS q (source, session_key, session_id, reason, raw, run_id)
+VALUES (%(source)s, %(session_key)s, %(session_id)s, %(reason)s, %(raw)s, %(run_id)s)
+ON CONFLICT (source, session_key) DO UPDATE SET
+    reason = excluded.reason, raw = excluded.raw, run_id = excluded.run_id,
+    state = 'open', resolved_at = NULL, seen = q.seen + 1, last_seen = now()
+
+-- name: quarantine_resolve
+UPDATE memshift.quarantine SET state = 'resolved', resolved_at = now()
+ WHERE source = %(source)s AND session_key = %(session_key)s AND state = 'open'
+
+-- name: quarantine_list
+SELECT id, source, session_id, reason, state, seen, first_seen, last_seen
+  FROM memshift.quarantine
+ WHERE (%(state)s::text IS NULL OR state = %(state)s)
+ ORDER BY last_seen DESC, id DESC
+ LIMIT %(limit)s
+
+-- name: quarantine_get
+SELECT id, source, session_key, session_id, reason, raw, run_id, state, seen, first_seen,
+       last_seen, resolved_at
+  FROM memshift.quarantine WHERE id = %(id)s

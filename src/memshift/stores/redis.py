@@ -2,5 +2,6 @@
 
 from memshift.stores._async.redis import AsyncRedisStore
 from memshift.stores._sync.redis import RedisStore
+from memshift.stores.layouts import RawSession
 
-__all__ = ["AsyncRedisStore", "RedisStore"]
+__all__ = ["AsyncRedisStore", "RawSession", "RedisStore"]

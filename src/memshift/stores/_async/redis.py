@@ -21,7 +21,7 @@ Written once, async; the sync ``RedisStore`` is generated from this file by
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from functools import cache
 from pathlib import Path
@@ -62,7 +62,7 @@ from memshift.model import (
 )
 from memshift.redact import redact
 from memshift.stores.base import Outcome
-from memshift.stores.layouts import Layout, ScriptCall, get_layout
+from memshift.stores.layouts import Layout, RawSession, ScriptCall, get_layout
 from memshift.stores.layouts.timestamps import format_timestamp
 
 from ._clients import AsyncRedis, AsyncRedisCluster, ScriptHandle, close_client, queue_command
@@ -77,6 +77,15 @@ CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 # What a client raises when the server (or, in a cluster, no node) can be reached.
 # ClusterError (cluster down, redirections exhausted) is a ResponseError: catch it first.
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ClusterError, RedisClusterException)
+
+
+def _raw(arg: Any) -> Any:
+    # Key names of an id that is not valid UTF-8 go out as the bytes Redis holds.
+    return arg.encode("utf-8", "surrogateescape") if isinstance(arg, str) else arg
+
+
+def _shown_key(arg: Any) -> str:
+    return arg.decode("utf-8", "backslashreplace") if isinstance(arg, bytes) else str(arg)
 
 
 class AsyncRedisStore:
@@ -132,6 +141,11 @@ class AsyncRedisStore:
     def layout(self) -> Layout:
         return self._layout
 
+    @property
+    def client(self) -> Any:
+        """The redis-py client (a cluster client for a cluster), for jobs that SCAN."""
+        return self._client
+
     async def close(self) -> None:
         if self._owns_client:
             await close_client(self._client)
@@ -146,23 +160,56 @@ class AsyncRedisStore:
 
     async def load_session(self, session_id: str) -> SessionState | None:
         sid = check_session_id(session_id)
-        commands = self._layout.read_commands(sid)
+        (read,) = await self.read_sessions([sid])
+        if read.error is not None:
+            raise ValidationError(read.error, session_id=sid, where="load_session")
+        return read.state
+
+    async def read_sessions(self, session_ids: Sequence[str]) -> list[RawSession]:
+        """Read many sessions in one pipeline, keeping the raw replies of each.
+
+        A session that cannot be read or validated comes back with ``error`` set (and
+        its raw replies, for quarantine) instead of raising, so one bad session does
+        not stop the others. Ids that are not valid UTF-8 (kept as lone surrogates by
+        ``session_id_from_key``) are read by their raw bytes and reported as errors.
+        """
         pipe = self._client.pipeline(transaction=False)
-        for command in commands:
-            queue_command(pipe, command)
+        planned: list[tuple[str, list[tuple[Any, ...]]]] = []
+        for sid in session_ids:
+            commands = [(c[0], *map(_raw, c[1:])) for c in self._layout.read_commands(sid)]
+            for command in commands:
+                queue_command(pipe, command)
+            planned.append((sid, commands))
         try:
             replies = await pipe.execute(raise_on_error=False)
         except _UNREACHABLE as exc:
             raise self._unreachable(exc) from None
-        for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                raise ValidationError(
-                    f"session {sid!r}, key {command[1]!r}: Redis refused {command[0]} ({reply}); "
-                    "the key holds a type the layout does not expect",
-                    session_id=sid,
-                    where=f"key {command[1]!r}",
-                )
-        return self._layout.decode(sid, list(replies))
+        reads = []
+        at = 0
+        for sid, commands in planned:
+            mine = list(replies[at : at + len(commands)])
+            at += len(commands)
+            reads.append(self._decode(sid, commands, mine))
+        return reads
+
+    def _decode(
+        self, sid: str, commands: list[tuple[Any, ...]], replies: list[Any]
+    ) -> RawSession:
+        try:
+            check_session_id(sid)
+            for command, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, ResponseError):
+                    key = _shown_key(command[1])
+                    raise ValidationError(
+                        f"session {sid!r}, key {key!r}: Redis refused {_shown_key(command[0])} "
+                        f"({reply}); the key holds a type the layout does not expect",
+                        session_id=sid,
+                        where=f"key {key!r}",
+                    )
+            state = self._layout.decode(sid, replies)
+        except ValidationError as exc:
+            return RawSession(sid, commands, replies, None, str(exc))
+        return RawSession(sid, commands, replies, state, None)
 
     async def list_sessions(self, *, batch_size: int = 500) -> AsyncIterator[str]:
         """Every session id, by SCAN over session hashes (never KEYS); may repeat ids.

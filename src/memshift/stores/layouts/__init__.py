@@ -62,6 +62,17 @@ class ScriptCall:
     written: bytes | None = None
 
 
+@dataclass(frozen=True)
+class RawSession:
+    """One session as read from Redis: its commands, raw replies, and what they mean."""
+
+    session_id: str
+    commands: list[tuple[Any, ...]]
+    replies: list[Any]
+    state: SessionState | None  # None when absent, or when ``error`` is set
+    error: str | None  # why it cannot be read or validated
+
+
 class Layout(Protocol):
     name: str
     prefix: str

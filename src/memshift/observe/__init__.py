@@ -1,0 +1,1 @@
+"""What people see of a migration: progress, and later metrics, dashboard, inspect."""

@@ -1,0 +1,87 @@
+"""Progress of long work: a rich bar on a terminal, plain log lines elsewhere."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+if TYPE_CHECKING:
+    from memshift.migrate.backfill import Summary
+
+LOG_EVERY = 10.0  # seconds between plain progress lines when not on a terminal
+
+
+def bar(console: Console, *, quiet: bool = False) -> Progress:
+    """A progress bar with a free-text rate column; disabled when quiet or not a tty."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=quiet or not console.is_terminal,
+    )
+
+
+@contextmanager
+def progress(console: Console, quiet: bool) -> Iterator[Progress]:
+    with bar(console, quiet=quiet) as made:
+        yield made
+
+
+class BackfillProgress:
+    """Shows a backfill's summaries as they come: sessions/s, messages/s and ETA."""
+
+    def __init__(self, console: Console, *, quiet: bool = False) -> None:
+        self._console = console
+        self._quiet = quiet
+        self._bar = bar(console, quiet=quiet)
+        self._task: TaskID | None = None
+        self._last_line = 0.0
+
+    def __enter__(self) -> BackfillProgress:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bar.__exit__(kind, exc, tb)
+
+    def update(self, summary: Summary) -> None:
+        done, seen = summary.sessions_done, summary.sessions_seen
+        seconds = max(summary.seconds, 1e-9)
+        rate = f"{done / seconds:,.0f} sessions/s · {summary.messages / seconds:,.0f} messages/s"
+        phase = "discovering + copying" if summary.state == "discovering" else "copying"
+        if self._task is None:
+            self._task = self._bar.add_task(f"backfill run {summary.run_id}", total=seen or None,
+                                            rate=rate)
+        self._bar.update(self._task, completed=done, total=seen or None, rate=rate,
+                         description=f"backfill run {summary.run_id} ({phase})")
+        if self._quiet or self._console.is_terminal:
+            return
+        now = time.monotonic()
+        if now - self._last_line >= LOG_EVERY or summary.state == "completed":
+            self._last_line = now
+            self._console.print(
+                f"backfill run {summary.run_id}: {summary.state}, {done:,}/{seen:,} sessions, "
+                f"{summary.messages:,} messages, {rate}, {summary.quarantined:,} quarantined",
+                highlight=False,
+            )
