@@ -137,7 +137,7 @@ def test_the_ttl_becomes_an_expiry_and_a_vanished_session_is_no_error(
 
     with job.connect(pg_dsn) as conn:
         run = job.start_or_join(conn, redis_url, BackfillOptions(prefix=redis_prefix))
-        job.discover(conn, legacy.client, legacy.layout, run, BackfillOptions(prefix=redis_prefix))
+        job.discover(conn, legacy, run, BackfillOptions(prefix=redis_prefix))
     raw.delete(*legacy.layout.session_keys(ids[2]))  # expires between discovery and copy
     summary = backfill(config, BackfillOptions(prefix=redis_prefix))
 

@@ -33,7 +33,7 @@ from memshift.config import Settings
 from memshift.errors import ConfigError, MemshiftError, SchemaError
 from memshift.migrate.bulk import merge_states
 from memshift.migrate.quarantine import Quarantined, record_quarantine
-from memshift.model import SessionState
+from memshift.model import SessionState, text_problem
 from memshift.redact import redact
 from memshift.sql.migrations import latest_version
 from memshift.sql.queries import query
@@ -77,6 +77,7 @@ class RunRecord:
     state: str
     scan_cursors: dict[str, int]
     sessions_seen: int
+    quarantined: int
     batches_total: int
     started_at: datetime
     updated_at: datetime
@@ -199,12 +200,12 @@ def _nodes(client: Any) -> dict[str, Any]:
 
 
 def discover(
-    conn: psycopg.Connection[Any], client: Any, layout: Layout, run: RunRecord,
-    options: BackfillOptions,
+    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, options: BackfillOptions
 ) -> None:
     """SCAN every node from its saved cursor; turn whole pages into batches."""
+    layout = store.layout
     cursors = dict(run.scan_cursors)
-    for node, server in _nodes(client).items():
+    for node, server in _nodes(store.client).items():
         cursor = cursors.get(node, 0)
         if cursor == -1:  # this node was scanned to the end already
             continue
@@ -222,7 +223,7 @@ def discover(
             # there and finds no id twice (backfill_seen drops repeats that SCAN gives).
             if len(buffered) >= options.batch_size or finished:
                 cursors[node] = -1 if finished else cursor
-                _flush(conn, run, buffered, cursors, options.batch_size)
+                _flush(conn, store, run, buffered, cursors, options.batch_size)
                 buffered = []
             if finished:
                 break
@@ -230,14 +231,22 @@ def discover(
 
 
 def _flush(
-    conn: psycopg.Connection[Any], run: RunRecord, ids: list[str], cursors: dict[str, int],
-    batch_size: int,
+    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, ids: list[str],
+    cursors: dict[str, int], batch_size: int,
 ) -> None:
+    # An id PostgreSQL cannot hold as text (invalid UTF-8, NUL) is quarantined here,
+    # with the raw bytes of its keys: it could not be batched, let alone migrated.
+    unfit = sorted({sid for sid in ids if text_problem(sid)})
+    fit = sorted(set(ids).difference(unfit))
     with conn.transaction():
+        for read in store.read_sessions(unfit):
+            record_quarantine(
+                conn, Quarantined.from_read(read, f"{run.layout}:{run.prefix}"), run.run_id
+            )
         new = [
             row[0]
             for row in conn.execute(
-                query("backfill_mark_seen"), {"run_id": run.run_id, "ids": sorted(set(ids))}
+                query("backfill_mark_seen"), {"run_id": run.run_id, "ids": fit}
             ).fetchall()
         ]
         for start in range(0, len(new), batch_size):
@@ -247,7 +256,8 @@ def _flush(
             )
         conn.execute(
             query("backfill_save_cursor"),
-            {"run_id": run.run_id, "cursors": Jsonb(cursors), "seen": len(new)},
+            {"run_id": run.run_id, "cursors": Jsonb(cursors), "seen": len(new) + len(unfit),
+             "quarantined": len(unfit)},
         )
 
 
@@ -421,7 +431,7 @@ def backfill(
         children = _spawn(settings, options, run) if options.workers > 1 else []
         try:
             if run.state == "discovering":
-                discover(conn, store.client, layout, run, options)
+                discover(conn, store, run, options)
             if not children:
                 work(conn, store, run, options)
             while not _complete(conn, run, children, on_progress):

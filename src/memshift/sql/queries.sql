@@ -358,7 +358,7 @@ VALUES (%(format)s, %(source)s, %(layout)s, %(prefix)s, %(batch_size)s)
 ON CONFLICT (source, layout, prefix) WHERE state IN ('discovering', 'copying')
 DO UPDATE SET updated_at = now()
 RETURNING run_id, format, source, layout, prefix, batch_size, state, scan_cursors,
-          sessions_seen, batches_total, started_at, updated_at, finished_at
+          sessions_seen, quarantined, batches_total, started_at, updated_at, finished_at
 
 -- name: backfill_mark_seen
 -- Ids discovery has not seen before in this run (SCAN may return a key twice).
@@ -379,7 +379,7 @@ SELECT %(run_id)s, r.batch_no, %(ids)s FROM r
 -- name: backfill_save_cursor
 UPDATE memshift.backfill_runs
    SET scan_cursors = %(cursors)s, sessions_seen = sessions_seen + %(seen)s,
-       updated_at = now()
+       quarantined = quarantined + %(quarantined)s, updated_at = now()
  WHERE run_id = %(run_id)s
 
 -- name: backfill_discovered
@@ -426,7 +426,7 @@ SELECT r.*, now() AS now,
        count(b.*) FILTER (WHERE b.state = 'done') AS batches_done,
        coalesce(sum(b.migrated), 0)::bigint AS migrated,
        coalesce(sum(b.unchanged), 0)::bigint AS unchanged,
-       coalesce(sum(b.quarantined), 0)::bigint AS quarantined,
+       r.quarantined + coalesce(sum(b.quarantined), 0)::bigint AS quarantined,
        coalesce(sum(b.vanished), 0)::bigint AS vanished,
        coalesce(sum(b.messages), 0)::bigint AS messages
   FROM memshift.backfill_runs r
@@ -440,7 +440,7 @@ SELECT r.*, now() AS now,
        count(b.*) FILTER (WHERE b.state = 'done') AS batches_done,
        coalesce(sum(b.migrated), 0)::bigint AS migrated,
        coalesce(sum(b.unchanged), 0)::bigint AS unchanged,
-       coalesce(sum(b.quarantined), 0)::bigint AS quarantined,
+       r.quarantined + coalesce(sum(b.quarantined), 0)::bigint AS quarantined,
        coalesce(sum(b.vanished), 0)::bigint AS vanished,
        coalesce(sum(b.messages), 0)::bigint AS messages
   FROM memshift.backfill_runs r

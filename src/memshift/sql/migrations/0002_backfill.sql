@@ -14,6 +14,8 @@ CREATE TABLE memshift.backfill_runs (
     -- Where discovery resumes: the SCAN cursor of each node, by node name.
     scan_cursors  jsonb NOT NULL DEFAULT '{}',
     sessions_seen bigint NOT NULL DEFAULT 0,
+    -- Sessions quarantined by discovery itself (ids PostgreSQL cannot hold as text).
+    quarantined   bigint NOT NULL DEFAULT 0,
     batches_total integer NOT NULL DEFAULT 0,
     started_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
