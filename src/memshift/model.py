@@ -245,6 +245,9 @@ class Message(Record):
     content: Text
     ts: Timestamp = Field(default_factory=now)
     tool_call_id: Id | None = None
+    # What else the message carries (name, usage, a legacy record's unknown members);
+    # it takes no part in same_content: other metadata is not a conflict.
+    metadata: JsonObject = Field(default_factory=dict)
 
     def same_content(self, other: Message) -> bool:
         """Two writes of one message: equal unless id, role, content or tool call differ."""
@@ -264,15 +267,24 @@ class ToolRun(Record):
     attempts: Count = 0
     last_error: Text | None = None
     updated_at: Timestamp = Field(default_factory=now)
+    metadata: JsonObject = Field(default_factory=dict)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL_TOOL_STATUSES
 
     def content_hash(self) -> str:
-        """Stable hash of what a winning write replaces; the last tie-break in merges."""
+        """Stable hash of what a winning write replaces; the last tie-break in merges.
+
+        Metadata is part of it, since a winning write replaces it too. Empty metadata
+        is left out, so runs without any hash as they did before metadata existed and
+        the hashes PostgreSQL stored then still break ties the same way.
+        """
+        fields = [self.name, self.args, self.status, self.last_error]
+        if self.metadata:
+            fields.append(self.metadata)
         body = json.dumps(
-            [self.name, self.args, self.status, self.last_error],
+            fields,
             sort_keys=True,
             separators=(",", ":"),
             ensure_ascii=False,
@@ -302,6 +314,7 @@ class MemorySummary(Record):
     text: Text
     covers_through: Annotated[int, Field(ge=-1, le=2**62)] = -1
     updated_at: Timestamp = Field(default_factory=now)
+    metadata: JsonObject = Field(default_factory=dict)
 
 
 class Checkpoint(Record):
@@ -310,6 +323,7 @@ class Checkpoint(Record):
     step: Count
     state: JsonObject = Field(default_factory=dict)
     created_at: Timestamp = Field(default_factory=now)
+    metadata: JsonObject = Field(default_factory=dict)
 
     @pydantic.model_validator(mode="after")
     def _no_self_parent(self) -> Checkpoint:

@@ -110,6 +110,52 @@ def test_every_entity_round_trips(store: Store) -> None:
     ]
 
 
+def test_metadata_of_every_record_round_trips(store: Store) -> None:
+    usage = {"name": "bob", "usage": {"tokens": 12}, "additional_kwargs": {}, "n": [1, 2.5]}
+    message = msg(0).model_copy(update={"metadata": usage})
+    tool = run("retrying", attempts=2).model_copy(update={"metadata": {"latency_ms": 41}})
+    summary = MemorySummary(
+        version=1, text="short", updated_at=T0, metadata={"model": "small", "ok": True}
+    )
+    checkpoint = Checkpoint(
+        checkpoint_id="cp-1", step=1, created_at=T0, metadata={"source": "loop", "x": None}
+    )
+    store.save_session(new_session(metadata={"redis_fields": {"colour": "red"}, "k": 1}))
+    stored = store.append_message("sess-1", message)
+    store.append_message("sess-1", msg(1))
+    merged = store.upsert_tool_run("sess-1", tool)
+    store.put_summary("sess-1", summary)
+    store.put_checkpoint("sess-1", checkpoint)
+
+    state = loaded(store)
+    assert stored == message.model_copy(update={"seq": 0})
+    assert merged == tool
+    assert state.session.metadata == {"redis_fields": {"colour": "red"}, "k": 1}
+    assert [m.metadata for m in state.messages] == [usage, {}]
+    assert state.tool_runs == (tool,)
+    assert state.summaries == (summary,)
+    assert state.checkpoints == (checkpoint,)
+
+
+def test_a_retried_append_with_other_metadata_returns_the_stored_message(store: Store) -> None:
+    store.save_session(new_session())
+    first = store.append_message("sess-1", msg(0).model_copy(update={"metadata": {"a": 1}}))
+    again = store.append_message("sess-1", msg(0, seq=0).model_copy(update={"metadata": {"a": 2}}))
+
+    assert again == first
+    assert [m.metadata for m in loaded(store).messages] == [{"a": 1}]
+
+
+def test_a_winning_tool_write_replaces_the_metadata_too(store: Store) -> None:
+    store.save_session(new_session())
+    first = run("running", seconds=1).model_copy(update={"metadata": {"try": 1}})
+    later = run("retrying", attempts=2, seconds=2).model_copy(update={"metadata": {"try": 2}})
+    store.upsert_tool_run("sess-1", later)
+    store.upsert_tool_run("sess-1", first)
+
+    assert loaded(store).tool_runs == (later,)
+
+
 def test_an_unknown_session_loads_as_none(store: Store) -> None:
     assert store.load_session("nobody") is None
 

@@ -113,3 +113,14 @@ def test_demo_with_no_servers_given_runs_on_embedded_ones(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["resume_state_agrees"] == 5
     assert (tmp_path / ".memshift" / "pgdata").is_dir()
+
+
+def test_backfill_off_a_terminal_logs_plain_progress_lines(
+    pg_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    common = ["--postgres-dsn", pg_dsn, "--redis-url", redis_url, "--prefix", redis_prefix]
+    memshift(*common, "generate", "-n", "10")
+    result = memshift(*common, "backfill")
+    assert result.returncode == 0, result.stderr
+    assert "completed, 10/10 sessions" in result.stderr
+    assert "10 migrated" in result.stdout

@@ -68,7 +68,8 @@ def write_logs(draw: st.DrawFn) -> list[tuple[str, Any]]:
         elif kind == "message":
             seq = sum(1 for k, _ in log if k == "message")
             log.append(("message", Message(seq=seq, message_id=f"m{seq}", role="user",
-                                           content=f"text {seq}", ts=_at(seq))))
+                                           content=f"text {seq}", ts=_at(seq),
+                                           metadata={"name": f"n{seq}"} if seq % 2 else {})))
         elif kind == "tool":
             log.append(
                 (
@@ -83,19 +84,22 @@ def write_logs(draw: st.DrawFn) -> list[tuple[str, Any]]:
                         attempts=draw(st.integers(0, 5)),
                         last_error=draw(st.sampled_from([None, "timeout", "429"])),
                         updated_at=_at(draw(st.integers(0, 4))),
+                        metadata=draw(st.sampled_from([{}, {"a": 1}, {"a": 2}])),
                     ),
                 )
             )
         elif kind == "summary":
             v = draw(st.integers(1, 6))
             log.append(("summary", MemorySummary(version=v, text=f"summary {v}",
-                                                 covers_through=v, updated_at=_at(v))))
+                                                 covers_through=v, updated_at=_at(v),
+                                                 metadata={"v": v})))
         elif kind == "checkpoint":
             step = draw(st.integers(0, 6))
             log.append(("checkpoint", Checkpoint(checkpoint_id=f"cp{step}",
                                                  parent_id=f"cp{step - 1}" if step else None,
                                                  step=step, state={"step": step},
-                                                 created_at=_at(step))))
+                                                 created_at=_at(step),
+                                                 metadata={"step": step})))
         else:
             target = draw(st.sampled_from(["active", "paused", "waiting_tool", "completed"]))
             version = session["version"] + 1

@@ -290,3 +290,28 @@ def test_async_store_on_an_unreachable_cluster_is_store_unavailable() -> None:
 
     assert "Redis Cluster via 127.0.0.1:1" in str(caught.value)
     assert "hunter2" not in str(caught.value)
+
+
+def test_backfill_reads_a_legacy_cluster_whole(
+    redis_cluster_url: str, cluster: RedisCluster, prefix: str, pg_dsn: str
+) -> None:
+    from memshift.config import Settings
+    from memshift.migrate.backfill import BackfillOptions, backfill
+    from memshift.stores.postgres import PostgresStore
+
+    ids = spread_ids(cluster, prefix, 12)
+    for sid in ids:
+        legacy_write(cluster, prefix, sid)
+
+    summary = backfill(
+        Settings(redis_url=redis_cluster_url, postgres_dsn=pg_dsn, prefix=prefix),
+        BackfillOptions(prefix=prefix, batch_size=5),
+    )
+
+    assert (summary.sessions_seen, summary.migrated, summary.quarantined) == (12, 12, 0)
+    with RedisStore(redis_cluster_url, prefix=prefix) as legacy, PostgresStore(pg_dsn) as pg:
+        for sid in ids:
+            redis_state, pg_state = legacy.load_session(sid), pg.load_session(sid)
+            assert redis_state is not None and pg_state is not None
+            assert pg_state.messages == redis_state.messages
+            assert pg_state.session.version == redis_state.session.version

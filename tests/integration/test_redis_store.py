@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -278,6 +279,7 @@ _TOOL_WRITES = st.lists(
         attempts=st.integers(0, 3),
         updated=st.integers(0, 2),
         last_error=st.sampled_from([None, "boom", "timeout"]),
+        metadata=st.sampled_from([{}, {"a": 1}, {"a": 2}, {"b": {"c": [1]}}]),
     ),
     min_size=1,
     max_size=5,
@@ -489,6 +491,37 @@ def test_bad_input_is_refused_before_any_write(store: RedisStore, raw: redis.Red
         store.set_status("s1", "sleeping")
 
     assert list(raw.scan_iter(match=f"{store.layout.prefix}:*")) == []
+
+
+def test_unknown_legacy_fields_are_kept_through_reads_and_writes(
+    store: RedisStore, raw: redis.Redis
+) -> None:
+    keys = ReferenceLayout(store.layout.prefix).session_keys("s1")
+    raw.hset(keys[0], mapping={"status": "active", "version": "1", "updated_at": "0",
+                               "metadata": '{"plan": "pro"}', "colour": "red"})
+    raw.rpush(keys[1], '{"id": "m1", "role": "user", "content": "hi", "ts": 0, "name": "bob"}')
+    raw.hset(keys[2], "c1", '{"name": "f", "args": {}, "status": "running", "attempts": 1, '
+                            '"last_error": null, "updated_at": 0, "latency": 4}')
+
+    first = store.load_session("s1")
+    assert first is not None
+    assert first.session.metadata == {"plan": "pro", "redis_fields": {"colour": "red"}}
+    assert first.messages[0].metadata == {"name": "bob"}
+    assert first.tool_runs[0].metadata == {"latency": 4}
+    # A retried append and a tool write of the same record change nothing.
+    assert store.append_message("s1", first.messages[0]) == first.messages[0]
+    assert store.upsert_tool_run("s1", first.tool_runs[0]) == first.tool_runs[0]
+    change = store.set_status("s1", "paused")
+    assert change.session.metadata == first.session.metadata
+
+    newer = change.session.model_copy(
+        update={"version": 9, "metadata": {"plan": "pro", "redis_fields": {"colour": "blue"}}}
+    )
+    assert store.save_session(newer) == Outcome.APPLIED
+    assert raw.hget(keys[0], "colour") == b"blue"
+    assert json.loads(raw.hget(keys[0], "metadata") or b"") == {"plan": "pro"}
+    again = store.load_session("s1")
+    assert again is not None and again.session.metadata == newer.metadata
 
 
 def test_unreadable_stored_value_is_a_validation_error_naming_the_key(

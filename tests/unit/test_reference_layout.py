@@ -157,7 +157,22 @@ def test_positive_ttl_becomes_expires_at() -> None:
         ("hash", {b"version": b"-1"}, "field 'version'", "not a non-negative integer"),
         ("hash", {b"status": b"sleeping"}, "status", "Input should be"),
         ("hash", {b"updated_at": b"yesterday"}, "field 'updated_at'", "neither ISO 8601"),
-        ("hash", {b"colour": b"red"}, "field 'colour'", "not a field of the layout"),
+        ("hash", {b"colour": b"r\xe9d"}, "field 'colour'", "not valid UTF-8"),
+        ("hash", {b"col\xffour": b"red"}, "field b'col\\xffour'", "not valid UTF-8"),
+        (
+            "messages",
+            [b'{"id": "m", "role": "user", "content": "x", "ts": "' + ISO.encode()
+             + b'", "extra": 1, "extra": 2}'],
+            "index 0",
+            "appears twice",
+        ),
+        (
+            "messages",
+            [js({"id": "m", "role": "user", "content": "x", "ts": ISO, "extra": "\udcff"})],
+            "index 0",
+            "UTF-8",
+        ),
+        ("events", [(b"1-0", {b"at": ISO.encode(), b"who": b"\xff"})], "entry 0", "UTF-8"),
         ("messages", [b'{"id": "m", "role": "user"'], "index 0", "not valid JSON"),
         (
             "messages",
@@ -198,6 +213,103 @@ def test_bad_records_raise_validation_error_naming_the_key(
     assert repr(keys[part]) in message
     assert where in message
     assert what in message
+
+
+def test_unknown_hash_fields_are_kept_in_the_session_metadata() -> None:
+    hash_ = {b"status": b"active", b"colour": b"red", b"metadata": b'{"plan": "pro"}'}
+    state = ReferenceLayout().decode("s1", replies(hash_=hash_))
+
+    assert state is not None
+    assert state.session.metadata == {"plan": "pro", "redis_fields": {"colour": "red"}}
+
+
+def test_unknown_event_fields_are_kept_in_the_event_data() -> None:
+    entry = {b"type": b"status", b"at": ISO.encode(), b"data": b'{"a": 1}', b"who": b"ops"}
+    state = ReferenceLayout().decode("s1", replies(events=[(b"1-0", entry)]))
+
+    assert state is not None
+    assert state.events[0].data == {"a": 1, "redis_fields": {"who": "ops"}}
+
+
+def test_unknown_members_of_records_are_kept_in_their_metadata() -> None:
+    record = {"id": "m1", "role": "user", "content": "x", "ts": ISO, "name": "bob", "seq": 7}
+    tool = {"name": "f", "status": "running", "updated_at": ISO, "tool_call_id": "other"}
+    summary = {"version": 1, "text": "t", "updated_at": ISO, "model": "small"}
+    checkpoint = {"checkpoint_id": "k", "step": 1, "created_at": ISO, "thread": "t9"}
+    state = ReferenceLayout().decode(
+        "s1",
+        replies(
+            messages=[js(record)],
+            tools={b"c1": js(tool)},
+            summary=js(summary),
+            checkpoint=js(checkpoint),
+        ),
+    )
+
+    assert state is not None
+    assert (state.messages[0].seq, state.messages[0].message_id) == (0, "m1")
+    assert state.messages[0].metadata == {"name": "bob", "seq": 7}
+    assert state.tool_runs[0].tool_call_id == "c1"
+    assert state.tool_runs[0].metadata == {"tool_call_id": "other"}
+    assert state.summaries[0].metadata == {"model": "small"}
+    assert state.checkpoints[0].metadata == {"thread": "t9"}
+
+
+def test_an_unknown_member_named_like_a_metadata_key_goes_under_extra() -> None:
+    record = {
+        "id": "m1", "role": "user", "content": "x", "ts": ISO,
+        "metadata": {"name": "al", "_extra": "taken"}, "name": "bob", "usage": 3,
+    }
+    odd = {"id": "m2", "role": "user", "content": "y", "ts": ISO, "metadata": "not an object"}
+    state = ReferenceLayout().decode("s1", replies(messages=[js(record), js(odd)]))
+
+    assert state is not None
+    assert state.messages[0].metadata == {
+        "name": "al", "_extra": "taken", "usage": 3, "_extra_1": {"name": "bob"}
+    }
+    assert state.messages[1].metadata == {"metadata": "not an object"}
+
+
+def test_metadata_written_by_the_layout_reads_back_as_the_same_model() -> None:
+    legacy = full_session()
+    legacy[0][b"colour"] = b"red"
+    legacy[1][0] = js(
+        {"id": "m3", "role": "user", "content": "hi", "ts": ISO, "usage": {"tokens": 3},
+         "metadata": {"name": "bob"}}
+    )
+    layout = ReferenceLayout()
+    first = layout.decode("s1", legacy)
+    assert first is not None
+    message = first.messages[0]
+    assert message.metadata == {"name": "bob", "usage": {"tokens": 3}}
+    run = first.tool_runs[0].model_copy(update={"metadata": {"latency": 4}})
+    summary = first.summaries[0].model_copy(update={"metadata": {"model": "m"}})
+    checkpoint = first.checkpoints[0].model_copy(update={"metadata": {"x": [1]}})
+
+    # save_session's args: ttl, version, updated_at, created_at, trimmed, n, n pairs, ...
+    args = layout.save_session(first.session, 0).args
+    pairs = args[6 : 6 + 2 * args[5]]
+    written = {"messages_trimmed": args[4], **dict(zip(pairs[::2], pairs[1::2], strict=True))}
+    head, tail = layout.upsert_tool_run("s1", run, 0).args[2:4]
+    again = layout.decode(
+        "s1",
+        replies(
+            hash_={k.encode(): v.encode() for k, v in written.items()},
+            messages=[layout.append_message("s1", message, 0).args[1].encode()],
+            tools={b"c1": f"{head}{run.attempts}{tail}".encode()},
+            summary=layout.put_summary("s1", summary, 0).args[1].encode(),
+            checkpoint=layout.put_checkpoint("s1", checkpoint, 0).args[1].encode(),
+        ),
+    )
+
+    assert written["colour"] == "red" and "redis_fields" not in written["metadata"]
+    assert again is not None
+    assert again.session.metadata == first.session.metadata
+    # The hash as written holds messages_trimmed, so the seq is the same as before.
+    assert again.messages[0] == message
+    assert again.tool_runs == (run,)
+    assert again.summaries == (summary,)
+    assert again.checkpoints == (checkpoint,)
 
 
 def test_unprintable_key_is_escaped_in_errors() -> None:

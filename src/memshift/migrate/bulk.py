@@ -25,15 +25,17 @@ _STAGES: dict[str, tuple[str, ...]] = {
         "updated_at", "messages_trimmed", "metadata", "expires_at",
     ),
     "stage_messages": (
-        "session_id", "seq", "message_id", "role", "content", "ts", "tool_call_id",
+        "session_id", "seq", "message_id", "role", "content", "ts", "tool_call_id", "metadata",
     ),
     "stage_tool_runs": (
         "session_id", "tool_call_id", "name", "args", "status", "attempts", "last_error",
-        "updated_at", "content_hash",
+        "updated_at", "content_hash", "metadata",
     ),
-    "stage_summaries": ("session_id", "version", "text", "covers_through", "updated_at"),
+    "stage_summaries": (
+        "session_id", "version", "text", "covers_through", "updated_at", "metadata",
+    ),
     "stage_checkpoints": (
-        "session_id", "checkpoint_id", "parent_id", "step", "state", "created_at",
+        "session_id", "checkpoint_id", "parent_id", "step", "state", "created_at", "metadata",
     ),
     "stage_events": (
         "session_id", "event_seq", "type", "from_status", "to_status", "at", "data",
@@ -73,19 +75,22 @@ def _rows(states: Iterable[SessionState]) -> dict[str, list[tuple[Any, ...]]]:
              s.messages_trimmed, Jsonb(s.metadata), s.expires_at)
         )
         rows["stage_messages"].extend(
-            (sid, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id)
+            (sid, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id,
+             Jsonb(m.metadata))
             for m in state.messages
         )
         rows["stage_tool_runs"].extend(
             (sid, t.tool_call_id, t.name, Jsonb(t.args), t.status, t.attempts, t.last_error,
-             t.updated_at, t.content_hash())
+             t.updated_at, t.content_hash(), Jsonb(t.metadata))
             for t in state.tool_runs
         )
         rows["stage_summaries"].extend(
-            (sid, u.version, u.text, u.covers_through, u.updated_at) for u in state.summaries
+            (sid, u.version, u.text, u.covers_through, u.updated_at, Jsonb(u.metadata))
+            for u in state.summaries
         )
         rows["stage_checkpoints"].extend(
-            (sid, c.checkpoint_id, c.parent_id, c.step, Jsonb(c.state), c.created_at)
+            (sid, c.checkpoint_id, c.parent_id, c.step, Jsonb(c.state), c.created_at,
+             Jsonb(c.metadata))
             for c in state.checkpoints
         )
         rows["stage_events"].extend(

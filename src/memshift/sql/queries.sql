@@ -92,8 +92,10 @@ WITH s AS (
      WHERE session_id = %(session_id)s
     RETURNING next_seq - 1 AS seq
 )
-INSERT INTO memshift.messages (session_id, seq, message_id, role, content, ts, tool_call_id)
-SELECT %(session_id)s, s.seq, %(message_id)s, %(role)s, %(content)s, %(ts)s, %(tool_call_id)s
+INSERT INTO memshift.messages
+    (session_id, seq, message_id, role, content, ts, tool_call_id, metadata)
+SELECT %(session_id)s, s.seq, %(message_id)s, %(role)s, %(content)s, %(ts)s, %(tool_call_id)s,
+       %(metadata)s
   FROM s
 RETURNING seq;
 
@@ -101,9 +103,10 @@ RETURNING seq;
 -- A replicated write carries its seq: insert it, or report what already holds that
 -- seq or message id (the outer SELECT sees the rows as they were before the insert).
 WITH ins AS (
-    INSERT INTO memshift.messages (session_id, seq, message_id, role, content, ts, tool_call_id)
+    INSERT INTO memshift.messages
+        (session_id, seq, message_id, role, content, ts, tool_call_id, metadata)
     VALUES (%(session_id)s, %(seq)s, %(message_id)s, %(role)s, %(content)s, %(ts)s,
-            %(tool_call_id)s)
+            %(tool_call_id)s, %(metadata)s)
     ON CONFLICT DO NOTHING
     RETURNING seq
 ), sess AS (
@@ -117,14 +120,14 @@ WITH ins AS (
     WHERE s.next_seq < excluded.next_seq
        OR (s.placeholder AND excluded.created_at < s.created_at)
 )
-SELECT true, seq, NULL, NULL, NULL, NULL, NULL FROM ins
+SELECT true, seq, NULL, NULL, NULL, NULL, NULL, NULL FROM ins
 UNION ALL
-SELECT false, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id
+SELECT false, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id, m.metadata
   FROM memshift.messages m
  WHERE m.session_id = %(session_id)s AND (m.seq = %(seq)s OR m.message_id = %(message_id)s);
 
 -- name: message_by_id
-SELECT seq, message_id, role, content, ts, tool_call_id
+SELECT seq, message_id, role, content, ts, tool_call_id, metadata
   FROM memshift.messages WHERE session_id = %(session_id)s AND message_id = %(message_id)s;
 
 -- name: session_exists
@@ -137,10 +140,11 @@ ON CONFLICT DO NOTHING;
 
 -- name: merge_tool_runs
 -- The guarded upsert of tool runs, from the rows given, in the column order below. Fields
--- come from the winning write (memshift.tool_run_wins); attempts never decrease.
+-- come from the winning write (memshift.tool_run_wins), its metadata too; attempts
+-- never decrease.
 INSERT INTO memshift.tool_runs AS t
     (session_id, tool_call_id, name, args, status, attempts, last_error, updated_at,
-     content_hash)
+     content_hash, metadata)
 {{rows}}
 ON CONFLICT (session_id, tool_call_id) DO UPDATE SET
     name = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
@@ -161,6 +165,9 @@ ON CONFLICT (session_id, tool_call_id) DO UPDATE SET
     content_hash = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
                excluded.content_hash, t.status, t.updated_at, t.content_hash)
                 THEN excluded.content_hash ELSE t.content_hash END,
+    metadata = CASE WHEN memshift.tool_run_wins(excluded.status, excluded.updated_at,
+               excluded.content_hash, t.status, t.updated_at, t.content_hash)
+                THEN excluded.metadata ELSE t.metadata END,
     attempts = greatest(t.attempts, excluded.attempts)
 WHERE memshift.tool_run_wins(excluded.status, excluded.updated_at, excluded.content_hash,
                              t.status, t.updated_at, t.content_hash)
@@ -168,17 +175,17 @@ WHERE memshift.tool_run_wins(excluded.status, excluded.updated_at, excluded.cont
 
 -- name: tool_run_row
 VALUES (%(session_id)s, %(tool_call_id)s, %(name)s, %(args)s, %(status)s, %(attempts)s,
-        %(last_error)s, %(updated_at)s, %(content_hash)s)
+        %(last_error)s, %(updated_at)s, %(content_hash)s, %(metadata)s)
 
 -- name: upsert_tool_run
 -- Returns the stored run after the write, whether or not it changed.
 WITH up AS (
     {{merge_tool_runs rows=tool_run_row}}
-    RETURNING tool_call_id, name, args, status, attempts, last_error, updated_at
+    RETURNING tool_call_id, name, args, status, attempts, last_error, updated_at, metadata
 )
 SELECT * FROM up
 UNION ALL
-SELECT tool_call_id, name, args, status, attempts, last_error, updated_at
+SELECT tool_call_id, name, args, status, attempts, last_error, updated_at, metadata
   FROM memshift.tool_runs
  WHERE session_id = %(session_id)s AND tool_call_id = %(tool_call_id)s
    AND NOT EXISTS (SELECT 1 FROM up);
@@ -188,8 +195,10 @@ SELECT tool_call_id, name, args, status, attempts, last_error, updated_at
 -- version wins. Reports whether it was inserted, the highest version before, and
 -- the text stored for this version before.
 WITH ins AS (
-    INSERT INTO memshift.summaries (session_id, version, text, covers_through, updated_at)
-    VALUES (%(session_id)s, %(version)s, %(text)s, %(covers_through)s, %(updated_at)s)
+    INSERT INTO memshift.summaries
+        (session_id, version, text, covers_through, updated_at, metadata)
+    VALUES (%(session_id)s, %(version)s, %(text)s, %(covers_through)s, %(updated_at)s,
+            %(metadata)s)
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
@@ -202,9 +211,9 @@ SELECT (SELECT count(*) FROM ins),
 -- Every checkpoint of the chain is kept; the latest is the highest step.
 WITH ins AS (
     INSERT INTO memshift.checkpoints
-        (session_id, checkpoint_id, parent_id, step, state, created_at)
+        (session_id, checkpoint_id, parent_id, step, state, created_at, metadata)
     VALUES (%(session_id)s, %(checkpoint_id)s, %(parent_id)s, %(step)s, %(state)s,
-            %(created_at)s)
+            %(created_at)s, %(metadata)s)
     ON CONFLICT DO NOTHING
     RETURNING 1
 )
@@ -290,13 +299,16 @@ SELECT session_id, tenant_id, user_id, status, version, created_at, updated_at,
 RETURNING session_id
 
 -- name: bulk_merge_messages
-INSERT INTO memshift.messages (session_id, seq, message_id, role, content, ts, tool_call_id)
-SELECT session_id, seq, message_id, role, content, ts, tool_call_id FROM stage_messages
+INSERT INTO memshift.messages
+    (session_id, seq, message_id, role, content, ts, tool_call_id, metadata)
+SELECT session_id, seq, message_id, role, content, ts, tool_call_id, metadata
+  FROM stage_messages
 ON CONFLICT DO NOTHING
 RETURNING session_id
 
 -- name: bulk_message_conflicts
 -- Staged messages whose seq or id holds other content: recorded, never applied.
+-- (Other metadata is not other content, as in Message.same_content.)
 INSERT INTO memshift.message_conflicts (session_id, seq, existing, incoming)
 SELECT st.session_id, st.seq, to_jsonb(m) - 'session_id', to_jsonb(st) - 'session_id'
   FROM stage_messages st
@@ -316,7 +328,7 @@ UPDATE memshift.sessions s
 
 -- name: stage_tool_run_rows
 SELECT session_id, tool_call_id, name, args, status, attempts, last_error, updated_at,
-       content_hash
+       content_hash, metadata
   FROM stage_tool_runs
 
 -- name: bulk_merge_tool_runs
@@ -324,14 +336,17 @@ SELECT session_id, tool_call_id, name, args, status, attempts, last_error, updat
 RETURNING session_id
 
 -- name: bulk_merge_summaries
-INSERT INTO memshift.summaries (session_id, version, text, covers_through, updated_at)
-SELECT session_id, version, text, covers_through, updated_at FROM stage_summaries
+INSERT INTO memshift.summaries
+    (session_id, version, text, covers_through, updated_at, metadata)
+SELECT session_id, version, text, covers_through, updated_at, metadata FROM stage_summaries
 ON CONFLICT DO NOTHING
 RETURNING session_id
 
 -- name: bulk_merge_checkpoints
-INSERT INTO memshift.checkpoints (session_id, checkpoint_id, parent_id, step, state, created_at)
-SELECT session_id, checkpoint_id, parent_id, step, state, created_at FROM stage_checkpoints
+INSERT INTO memshift.checkpoints
+    (session_id, checkpoint_id, parent_id, step, state, created_at, metadata)
+SELECT session_id, checkpoint_id, parent_id, step, state, created_at, metadata
+  FROM stage_checkpoints
 ON CONFLICT DO NOTHING
 RETURNING session_id
 

@@ -205,7 +205,7 @@ class PostgresStore:
         sid = check_session_id(session_id)
         msg: Message = coerce(Message, message, session_id=sid, where="append_message")
         params = msg.model_dump()
-        params["session_id"] = sid
+        params.update(session_id=sid, metadata=Jsonb(msg.metadata))
         if msg.seq is None:
             return self._append_assign(sid, msg, params)
         return self._append_carried(sid, msg, params)
@@ -233,11 +233,14 @@ class PostgresStore:
             rows = self._fetch("append_message_carried", params)
         if any(inserted for inserted, *_ in rows):
             return msg
+        stored = msg
         for row in rows:
             existing = _message(row[1:])
             if existing.seq != msg.seq or not existing.same_content(msg):
                 self._conflict(sid, existing, msg)
-        return msg
+            stored = existing
+        # A duplicate returns the message as stored (its metadata may differ).
+        return stored
 
     def _conflict(self, sid: str, existing: Message, incoming: Message) -> None:
         self._fetch(
@@ -264,11 +267,19 @@ class PostgresStore:
         sid = check_session_id(session_id)
         record: ToolRun = coerce(ToolRun, run, session_id=sid, where="upsert_tool_run")
         params = record.model_dump()
-        params.update(session_id=sid, args=Jsonb(record.args), content_hash=record.content_hash())
+        params.update(
+            session_id=sid,
+            args=Jsonb(record.args),
+            metadata=Jsonb(record.metadata),
+            content_hash=record.content_hash(),
+        )
         rows = self._fetch("upsert_tool_run", params)
         if not rows:
             rows = self._fetch("upsert_tool_run", params)
-        columns = ("tool_call_id", "name", "args", "status", "attempts", "last_error", "updated_at")
+        columns = (
+            "tool_call_id", "name", "args", "status", "attempts", "last_error", "updated_at",
+            "metadata",
+        )
         stored: ToolRun = parse(
             ToolRun, dict(zip(columns, rows[0], strict=True)), session_id=sid, where="tool_runs"
         )
@@ -280,7 +291,7 @@ class PostgresStore:
         sid = check_session_id(session_id)
         record: MemorySummary = coerce(MemorySummary, summary, session_id=sid, where="put_summary")
         params = record.model_dump()
-        params["session_id"] = sid
+        params.update(session_id=sid, metadata=Jsonb(record.metadata))
         row = self._fetchone("put_summary", params)
         assert row is not None
         inserted, highest, stored_text = row
@@ -294,7 +305,7 @@ class PostgresStore:
         sid = check_session_id(session_id)
         record: Checkpoint = coerce(Checkpoint, checkpoint, session_id=sid, where="put_checkpoint")
         params = record.model_dump()
-        params.update(session_id=sid, state=Jsonb(record.state))
+        params.update(session_id=sid, state=Jsonb(record.state), metadata=Jsonb(record.metadata))
         row = self._fetchone("put_checkpoint", params)
         assert row is not None
         inserted, highest, same = row
@@ -361,7 +372,13 @@ def _utc_session(conn: Connection[Any]) -> None:
 
 
 def _message(row: Row) -> Message:
-    seq, message_id, role, content, ts, tool_call_id = row
+    seq, message_id, role, content, ts, tool_call_id, metadata = row
     return Message(
-        seq=seq, message_id=message_id, role=role, content=content, ts=ts, tool_call_id=tool_call_id
+        seq=seq,
+        message_id=message_id,
+        role=role,
+        content=content,
+        ts=ts,
+        tool_call_id=tool_call_id,
+        metadata=metadata,
     )

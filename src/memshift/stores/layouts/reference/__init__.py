@@ -22,8 +22,25 @@ Timestamps are written as fixed-width ISO 8601 UTC and read as ISO 8601 or epoch
 milliseconds (see :mod:`memshift.stores.layouts.timestamps`). Values are read as
 strict UTF-8 JSON; anything that cannot be read raises ValidationError naming the
 full key, the field or index, and what is wrong, so the session is quarantined
-whole. Unknown hash fields and unknown JSON members are refused the same way:
-dropping them would lose data silently.
+whole.
+
+Unknown fields are kept, never refused or dropped:
+
+- an unknown member of a message, tool run, summary or checkpoint JSON goes into
+  that record's ``metadata``, merged with the record's own ``metadata`` member (a
+  ``metadata`` member that is not an object counts as an unknown member itself);
+- an unknown field of the session hash goes into
+  ``session.metadata["redis_fields"][field]`` (as text), an unknown field of an event
+  entry into ``event.data["redis_fields"][field]``;
+- a name that the object being merged into already holds is not overwritten: the
+  unknown value goes under ``["_extra"][name]`` instead (or ``_extra_1``,
+  ``_extra_2``, ... when ``_extra`` is taken too), so both are kept.
+
+Writes are the inverse: a record's non-empty ``metadata`` is written as its JSON's
+``metadata`` member, and ``session.metadata["redis_fields"]``, when it is an object
+of text values whose names are not fields of the layout, as hash fields again (the
+rest of the metadata as the ``metadata`` field). So Redis -> model -> Redis -> model
+gives the same model.
 
 A session whose hash is missing but whose children exist (legacy code that only
 RPUSHes) reads as :func:`memshift.model.placeholder_session`: status ``active``,
@@ -99,6 +116,17 @@ _EVENT_FIELDS = {
     "data": "data",
 }
 _HASH_FIELD_SET = frozenset(HASH_FIELDS)
+# The members of each record's JSON; any other member goes into its metadata.
+_MESSAGE_MEMBERS = frozenset({"id", "role", "content", "ts", "tool_call_id", "metadata"})
+_TOOL_MEMBERS = frozenset(
+    {"name", "args", "status", "attempts", "last_error", "updated_at", "metadata"}
+)
+_SUMMARY_MEMBERS = frozenset({"version", "text", "covers_through", "updated_at", "metadata"})
+_CHECKPOINT_MEMBERS = frozenset(
+    {"checkpoint_id", "parent_id", "step", "state", "created_at", "metadata"}
+)
+# Where unknown fields of the session hash and of event entries are kept.
+REDIS_FIELDS = "redis_fields"
 # Names that replies carry over and over, decoded once.
 _KNOWN_NAMES = {name.encode(): name for name in (*HASH_FIELDS, *_EVENT_FIELDS)}
 _FIELD_WHERE = {name: f"field {name!r}" for name in (*HASH_FIELDS, *_EVENT_FIELDS)}
@@ -241,10 +269,12 @@ class ReferenceLayout:
         ttl: Any,
     ) -> Session:
         data: dict[str, Any] = {"session_id": reader.session_id}
+        unknown: dict[str, str] = {}
         for raw_name, raw in fields.items():
             name = reader.field_name(key, raw_name)
             if name not in _HASH_FIELD_SET:
-                raise reader.error(key, f"field {name!r}", "is not a field of the layout")
+                unknown[name] = reader.text(raw, key, f"field {name!r}")
+                continue
             where = _FIELD_WHERE[name]
             if name in ("version", "messages_trimmed"):
                 data[name] = reader.count(raw, key, name)
@@ -254,6 +284,8 @@ class ReferenceLayout:
                 data[name] = reader.timestamp(reader.text(raw, key, where), key, where)
             else:
                 data[name] = reader.text(raw, key, where)
+        if unknown:
+            data["metadata"] = _with_unknown(data.get("metadata", {}), {REDIS_FIELDS: unknown})
         # Missing times: each other's, else as old as the oldest part (placeholder_session).
         oldest = min(seen, default=None)
         data.setdefault("created_at", data.get("updated_at", oldest))
@@ -269,10 +301,7 @@ class ReferenceLayout:
         self, reader: _Reader, key: str, where: str, seq: int, raw: Any
     ) -> tuple[str, dict[str, Any]]:
         """Where the message is and the fields that ``raw`` holds, ready for validation."""
-        data = reader.json_object(raw, key, where)
-        for name in ("message_id", "seq"):
-            if name in data:
-                raise reader.error(key, f"{where} member {name!r}", "is not a member of a message")
+        data = _keep_unknown(reader.json_object(raw, key, where), _MESSAGE_MEMBERS)
         if "ts" not in data:
             raise reader.error(key, where, "has no 'ts' member")
         data["ts"] = reader.timestamp(data["ts"], key, where, "member 'ts'")
@@ -287,9 +316,7 @@ class ReferenceLayout:
         """Where the tool run is (its field) and its fields, ready for validation."""
         tool_call_id = reader.field_name(key, name)
         where = f"field {tool_call_id!r}"
-        obj = reader.json_object(raw, key, where)
-        if "tool_call_id" in obj:
-            raise reader.error(key, f"{where} member 'tool_call_id'", "is not a member here")
+        obj = _keep_unknown(reader.json_object(raw, key, where), _TOOL_MEMBERS)
         if "updated_at" not in obj:
             raise reader.error(key, where, "has no 'updated_at' member")
         data: dict[str, Any] = {"tool_call_id": tool_call_id, **obj}
@@ -297,7 +324,7 @@ class ReferenceLayout:
         return where, data
 
     def _summary(self, reader: _Reader, key: str, raw: Any) -> MemorySummary:
-        obj = reader.json_object(raw, key, "value")
+        obj = _keep_unknown(reader.json_object(raw, key, "value"), _SUMMARY_MEMBERS)
         if "updated_at" not in obj:
             raise reader.error(key, "value", "has no 'updated_at' member")
         obj["updated_at"] = reader.timestamp(obj["updated_at"], key, "member 'updated_at'")
@@ -307,7 +334,7 @@ class ReferenceLayout:
         return summary
 
     def _checkpoint(self, reader: _Reader, key: str, raw: Any) -> Checkpoint:
-        obj = reader.json_object(raw, key, "value")
+        obj = _keep_unknown(reader.json_object(raw, key, "value"), _CHECKPOINT_MEMBERS)
         if "created_at" not in obj:
             raise reader.error(key, "value", "has no 'created_at' member")
         obj["created_at"] = reader.timestamp(obj["created_at"], key, "member 'created_at'")
@@ -323,15 +350,22 @@ class ReferenceLayout:
         entry_id, raw_fields = entry
         where = f"entry {index} ({reader.text(entry_id, key, f'entry {index} id')})"
         data: dict[str, Any] = {"event_seq": index}
+        unknown: dict[str, str] = {}
         for raw_name, value in _pairs(raw_fields).items():
             name = reader.field_name(key, raw_name)
             target = _EVENT_FIELDS.get(name)
             if target is None:
-                raise reader.error(key, f"{where} field {name!r}", "is not a field of an event")
+                unknown[name] = reader.text(value, key, where, f"field {name!r}")
+                continue
             if name == "data":
                 data[target] = reader.json(value, key, where, "field 'data'")
             else:
                 data[target] = reader.text(value, key, where, _FIELD_WHERE[name])
+        if unknown:
+            # Data that is not an object is refused when the event is validated.
+            event_data = data.get("data", {})
+            if type(event_data) is dict:
+                data["data"] = _with_unknown(event_data, {REDIS_FIELDS: unknown})
         if "at" not in data:
             raise reader.error(key, where, "has no 'at' field")
         data["at"] = reader.timestamp(data["at"], key, where, "field 'at'")
@@ -366,6 +400,8 @@ class ReferenceLayout:
         }
         if message.tool_call_id is not None:
             body["tool_call_id"] = message.tool_call_id
+        if message.metadata:
+            body["metadata"] = message.metadata
         seq = -1 if message.seq is None else message.seq
         return ScriptCall(
             "append_message",
@@ -408,12 +444,14 @@ class ReferenceLayout:
         )
 
     def put_summary(self, session_id: str, summary: MemorySummary, ttl_ms: int) -> ScriptCall:
-        body = {
+        body: dict[str, Any] = {
             "version": summary.version,
             "text": summary.text,
             "covers_through": summary.covers_through,
             "updated_at": format_timestamp(summary.updated_at),
         }
+        if summary.metadata:
+            body["metadata"] = summary.metadata
         return ScriptCall(
             "put_summary",
             self.session_keys(session_id),
@@ -421,13 +459,15 @@ class ReferenceLayout:
         )
 
     def put_checkpoint(self, session_id: str, checkpoint: Checkpoint, ttl_ms: int) -> ScriptCall:
-        body = {
+        body: dict[str, Any] = {
             "checkpoint_id": checkpoint.checkpoint_id,
             "parent_id": checkpoint.parent_id,
             "step": checkpoint.step,
             "state": checkpoint.state,
             "created_at": format_timestamp(checkpoint.created_at),
         }
+        if checkpoint.metadata:
+            body["metadata"] = checkpoint.metadata
         return ScriptCall(
             "put_checkpoint",
             self.session_keys(session_id),
@@ -470,6 +510,7 @@ def _session_keys(prefix: str, session_id: str, hash_tag: bool = False) -> tuple
 
 def _session_args(session: Session) -> list[Any]:
     """The arguments of save_session_fields (common.lua) for this session record."""
+    metadata, extra = _split_redis_fields(session.metadata)
     values: dict[str, str | None] = {
         "tenant_id": session.tenant_id,
         "user_id": session.user_id,
@@ -477,10 +518,11 @@ def _session_args(session: Session) -> list[Any]:
         "version": str(session.version),
         "created_at": format_timestamp(session.created_at),
         "updated_at": format_timestamp(session.updated_at),
-        "metadata": _dumps(session.metadata),
+        "metadata": _dumps(metadata),
         "expires_at": None if session.expires_at is None else format_timestamp(session.expires_at),
     }
     present = [(k, v) for k, v in values.items() if v is not None]
+    present.extend(extra.items())
     return [
         values["version"],
         values["updated_at"],
@@ -501,8 +543,65 @@ def _tool_json_parts(run: ToolRun) -> tuple[str, str, str]:
     order, and its ``updated_at`` as written there."""
     updated_at = format_timestamp(run.updated_at)
     head = _dumps({"name": run.name, "args": run.args, "status": run.status})
-    tail = _dumps({"last_error": run.last_error, "updated_at": updated_at})
+    rest: dict[str, Any] = {"last_error": run.last_error, "updated_at": updated_at}
+    if run.metadata:
+        rest["metadata"] = run.metadata
+    tail = _dumps(rest)
     return f'{head[:-1]},"attempts":', updated_at, f",{tail[1:]}"
+
+
+def _split_redis_fields(metadata: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Session metadata without the hash fields it holds, and those fields.
+
+    ``metadata["redis_fields"]`` goes back to the hash only when it can come back
+    as it is: a non-empty object of text values, none named like a field of the
+    layout. Otherwise it stays in the ``metadata`` field's JSON.
+    """
+    fields = metadata.get(REDIS_FIELDS)
+    if (
+        type(fields) is not dict
+        or not fields
+        or any(type(v) is not str or k in _HASH_FIELD_SET for k, v in fields.items())
+    ):
+        return metadata, {}
+    return {k: v for k, v in metadata.items() if k != REDIS_FIELDS}, fields
+
+
+def _with_unknown(known: dict[str, Any], unknown: Mapping[str, Any]) -> dict[str, Any]:
+    """``known`` with the ``unknown`` members added, overwriting none of its own.
+
+    An unknown member whose name ``known`` already holds goes under ``_extra``
+    instead (``_extra_1``, ``_extra_2``, ... when that name is taken too).
+    """
+    merged = dict(known)
+    clashes: dict[str, Any] = {}
+    for name, value in unknown.items():
+        if name in merged:
+            clashes[name] = value
+        else:
+            merged[name] = value
+    if clashes:
+        slot, n = "_extra", 0
+        while slot in merged:
+            n += 1
+            slot = f"_extra_{n}"
+        merged[slot] = clashes
+    return merged
+
+
+def _keep_unknown(obj: dict[str, Any], known: frozenset[str]) -> dict[str, Any]:
+    """A record's JSON object with its unknown members moved into its ``metadata``."""
+    explicit = obj.get("metadata", {})
+    if obj.keys() <= known and type(explicit) is dict:
+        return obj
+    if type(explicit) is not dict:
+        # Not an object: not the record's metadata, but a member to keep like any other.
+        known = known - {"metadata"}
+        explicit = {}
+    kept = {name: value for name, value in obj.items() if name in known}
+    unknown = {name: value for name, value in obj.items() if name not in known}
+    kept["metadata"] = _with_unknown(explicit, unknown)
+    return kept
 
 
 def _pairs(reply: Any) -> dict[Any, Any]:
