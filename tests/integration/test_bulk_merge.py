@@ -89,3 +89,35 @@ def test_merging_a_batch_twice_changes_nothing_the_second_time(
     assert second.changed == set() and second.unchanged(renamed_states) == 5
     for original, copy in zip(states, renamed_states, strict=True):
         assert without_id(store.load_session(copy.session_id)) == without_id(original)
+
+
+def test_a_bulk_merge_records_conflicts_and_keeps_what_was_there(
+    store: PostgresStore, dsn: str
+) -> None:
+    from memshift.model import Message, Session
+
+    store.save_session(Session(session_id="clash"))
+    store.append_message("clash", Message(seq=0, message_id="m0", role="user", content="kept"))
+    store.append_message("clash", Message(seq=1, message_id="m1", role="user", content="one"))
+    incoming = SessionState(
+        session=Session(session_id="clash"),
+        messages=(
+            Message(seq=0, message_id="m0", role="user", content="rewritten"),
+            Message(seq=1, message_id="m1", role="user", content="one"),
+            Message(seq=2, message_id="m1", role="user", content="one again"),
+            Message(seq=3, message_id="m3", role="user", content="new"),
+        ),
+    )
+
+    result = bulk(dsn, incoming)
+
+    state = store.load_session("clash")
+    assert state is not None
+    assert [(m.seq, m.content) for m in state.messages] == [(0, "kept"), (1, "one"), (3, "new")]
+    assert result.conflicted == {"clash"}
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT seq, incoming->>'content' FROM memshift.message_conflicts "
+            "WHERE session_id = 'clash' ORDER BY seq"
+        ).fetchall()
+    assert rows == [(0, "rewritten"), (2, "one again")]

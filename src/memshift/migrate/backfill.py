@@ -315,6 +315,8 @@ def sort_reads(
 
 
 def _oversize(read: RawSession, limit: int) -> str | None:
+    if sum(_sizes(read.replies)) <= limit:  # the common case: no value can be over
+        return None
     for command, reply in zip(read.commands, read.replies, strict=True):
         for value in _values(reply):
             if len(value) > limit:
@@ -324,6 +326,17 @@ def _oversize(read: RawSession, limit: int) -> str | None:
                     "(--max-value-bytes)"
                 )
     return None
+
+
+def _sizes(replies: list[Any]) -> Iterator[int]:
+    for reply in replies:
+        if isinstance(reply, bytes):
+            yield len(reply)
+        elif isinstance(reply, list):
+            yield sum(len(item) for item in reply if isinstance(item, bytes))
+            yield from _sizes([item for item in reply if not isinstance(item, bytes)])
+        elif isinstance(reply, dict | tuple):
+            yield from _sizes(list(reply.values() if isinstance(reply, dict) else reply))
 
 
 def _values(reply: Any) -> Iterator[bytes]:

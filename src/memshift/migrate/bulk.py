@@ -19,34 +19,56 @@ from psycopg.types.json import Jsonb
 from memshift.model import SessionState
 from memshift.sql.queries import query
 
-_STAGES: dict[str, tuple[str, ...]] = {
+# Staging tables (created LIKE the real ones) and the columns COPY fills, with their
+# types: the COPY is binary, so psycopg's C dumpers serialise the rows.
+_STAGES: dict[str, tuple[tuple[str, str], ...]] = {
     "stage_sessions": (
-        "session_id", "tenant_id", "user_id", "status", "version", "created_at",
-        "updated_at", "messages_trimmed", "metadata", "expires_at",
+        ("session_id", "text"), ("tenant_id", "text"), ("user_id", "text"),
+        ("status", "text"), ("version", "int8"), ("created_at", "timestamptz"),
+        ("updated_at", "timestamptz"), ("messages_trimmed", "int8"), ("metadata", "jsonb"),
+        ("expires_at", "timestamptz"),
     ),
     "stage_messages": (
-        "session_id", "seq", "message_id", "role", "content", "ts", "tool_call_id", "metadata",
+        ("session_id", "text"), ("seq", "int8"), ("message_id", "text"), ("role", "text"),
+        ("content", "text"), ("ts", "timestamptz"), ("tool_call_id", "text"),
+        ("metadata", "jsonb"),
     ),
     "stage_tool_runs": (
-        "session_id", "tool_call_id", "name", "args", "status", "attempts", "last_error",
-        "updated_at", "content_hash", "metadata",
+        ("session_id", "text"), ("tool_call_id", "text"), ("name", "text"), ("args", "jsonb"),
+        ("status", "text"), ("attempts", "int8"), ("last_error", "text"),
+        ("updated_at", "timestamptz"), ("content_hash", "text"), ("metadata", "jsonb"),
     ),
     "stage_summaries": (
-        "session_id", "version", "text", "covers_through", "updated_at", "metadata",
+        ("session_id", "text"), ("version", "int8"), ("text", "text"),
+        ("covers_through", "int8"), ("updated_at", "timestamptz"), ("metadata", "jsonb"),
     ),
     "stage_checkpoints": (
-        "session_id", "checkpoint_id", "parent_id", "step", "state", "created_at", "metadata",
+        ("session_id", "text"), ("checkpoint_id", "text"), ("parent_id", "text"),
+        ("step", "int8"), ("state", "jsonb"), ("created_at", "timestamptz"),
+        ("metadata", "jsonb"),
     ),
     "stage_events": (
-        "session_id", "event_seq", "type", "from_status", "to_status", "at", "data",
+        ("session_id", "text"), ("event_seq", "int8"), ("type", "text"),
+        ("from_status", "text"), ("to_status", "text"), ("at", "timestamptz"),
+        ("data", "jsonb"),
     ),
 }
+_COPY = {
+    table: sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns)
+    )
+    for table, columns in _STAGES.items()
+}
+_EMPTY = Jsonb({}, dumps=lambda _: "{}")  # most records carry no metadata
 
-# Each merge returns the session id of every row it changed.
+
+def _json(value: dict[str, Any]) -> Jsonb:
+    return Jsonb(value) if value else _EMPTY
+
+
+# Each merge returns (session id, rows changed) for every session it changed.
 _MERGES = (
     "bulk_merge_sessions",
-    "bulk_merge_messages",
-    "bulk_message_conflicts",
     "bulk_merge_tool_runs",
     "bulk_merge_summaries",
     "bulk_merge_checkpoints",
@@ -72,29 +94,29 @@ def _rows(states: Iterable[SessionState]) -> dict[str, list[tuple[Any, ...]]]:
         s = state.session
         rows["stage_sessions"].append(
             (sid, s.tenant_id, s.user_id, s.status, s.version, s.created_at, s.updated_at,
-             s.messages_trimmed, Jsonb(s.metadata), s.expires_at)
+             s.messages_trimmed, _json(s.metadata), s.expires_at)
         )
         rows["stage_messages"].extend(
             (sid, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id,
-             Jsonb(m.metadata))
+             _json(m.metadata))
             for m in state.messages
         )
         rows["stage_tool_runs"].extend(
             (sid, t.tool_call_id, t.name, Jsonb(t.args), t.status, t.attempts, t.last_error,
-             t.updated_at, t.content_hash(), Jsonb(t.metadata))
+             t.updated_at, t.content_hash(), _json(t.metadata))
             for t in state.tool_runs
         )
         rows["stage_summaries"].extend(
-            (sid, u.version, u.text, u.covers_through, u.updated_at, Jsonb(u.metadata))
+            (sid, u.version, u.text, u.covers_through, u.updated_at, _json(u.metadata))
             for u in state.summaries
         )
         rows["stage_checkpoints"].extend(
             (sid, c.checkpoint_id, c.parent_id, c.step, Jsonb(c.state), c.created_at,
-             Jsonb(c.metadata))
+             _json(c.metadata))
             for c in state.checkpoints
         )
         rows["stage_events"].extend(
-            (sid, e.event_seq, e.type, e.from_status, e.to_status, e.at, Jsonb(e.data))
+            (sid, e.event_seq, e.type, e.from_status, e.to_status, e.at, _json(e.data))
             for e in state.events
         )
     return rows
@@ -110,21 +132,22 @@ def merge_states(conn: psycopg.Connection[Any], states: Sequence[SessionState]) 
         for table, rows in _rows(states).items():
             if not rows:
                 continue
-            if table == "stage_messages":
-                result.messages = len(rows)
-            statement = sql.SQL("COPY {} ({}) FROM STDIN").format(
-                sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, _STAGES[table]))
-            )
-            with cur.copy(statement) as copy:
+            with cur.copy(_COPY[table]) as copy:
+                copy.set_types([kind for _, kind in _STAGES[table]])
                 for row in rows:
                     copy.write_row(row)
+            if table == "stage_messages":
+                result.messages = len(rows)
+        cur.execute(query("bulk_merge_messages"))
+        inserted = cur.fetchall()
+        result.changed.update(sid for sid, _ in inserted)
+        if sum(count for _, count in inserted) < result.messages:
+            # Some staged messages were already there: check those for conflicts.
+            cur.execute(query("bulk_message_conflicts"))
+            result.conflicted.update(sid for sid, _ in cur.fetchall())
         for name in _MERGES:
             cur.execute(query(name))
-            touched = {row[0] for row in cur.fetchall()}
-            if name == "bulk_message_conflicts":
-                result.conflicted |= touched
-            else:
-                result.changed |= touched
+            result.changed.update(sid for sid, _ in cur.fetchall())
         for name in _AFTER:
             cur.execute(query(name))
     return result

@@ -294,30 +294,48 @@ SELECT session_id, tenant_id, user_id, status, version, created_at, updated_at,
        messages_trimmed, metadata, expires_at, messages_trimmed
   FROM stage_sessions
 
+-- Each bulk merge returns the sessions it changed, once each, and how many rows.
+
 -- name: bulk_merge_sessions
-{{merge_sessions rows=stage_session_rows}}
-RETURNING session_id
+WITH changed AS (
+    {{merge_sessions rows=stage_session_rows}}
+    RETURNING session_id
+)
+SELECT session_id, count(*) FROM changed GROUP BY session_id
 
 -- name: bulk_merge_messages
-INSERT INTO memshift.messages
-    (session_id, seq, message_id, role, content, ts, tool_call_id, metadata)
-SELECT session_id, seq, message_id, role, content, ts, tool_call_id, metadata
-  FROM stage_messages
-ON CONFLICT DO NOTHING
-RETURNING session_id
+WITH changed AS (
+    INSERT INTO memshift.messages
+        (session_id, seq, message_id, role, content, ts, tool_call_id, metadata)
+    SELECT session_id, seq, message_id, role, content, ts, tool_call_id, metadata
+      FROM stage_messages
+    ON CONFLICT DO NOTHING
+    RETURNING session_id
+)
+SELECT session_id, count(*) FROM changed GROUP BY session_id
 
 -- name: bulk_message_conflicts
 -- Staged messages whose seq or id holds other content: recorded, never applied.
--- (Other metadata is not other content, as in Message.same_content.)
-INSERT INTO memshift.message_conflicts (session_id, seq, existing, incoming)
-SELECT st.session_id, st.seq, to_jsonb(m) - 'session_id', to_jsonb(st) - 'session_id'
-  FROM stage_messages st
-  JOIN memshift.messages m
-    ON m.session_id = st.session_id AND (m.seq = st.seq OR m.message_id = st.message_id)
- WHERE (m.seq, m.message_id, m.role, m.content, m.tool_call_id)
-       IS DISTINCT FROM (st.seq, st.message_id, st.role, st.content, st.tool_call_id)
-ON CONFLICT DO NOTHING
-RETURNING session_id
+-- (Other metadata is not other content, as in Message.same_content.) Run only when
+-- some staged rows were not inserted; each join uses an index of memshift.messages.
+WITH clash AS (
+    SELECT st.session_id, st.seq, to_jsonb(m) - 'session_id' AS existing,
+           to_jsonb(st) - 'session_id' AS incoming
+      FROM stage_messages st
+      JOIN memshift.messages m ON m.session_id = st.session_id AND m.seq = st.seq
+     WHERE (m.message_id, m.role, m.content, m.tool_call_id)
+           IS DISTINCT FROM (st.message_id, st.role, st.content, st.tool_call_id)
+    UNION ALL
+    SELECT st.session_id, st.seq, to_jsonb(m) - 'session_id', to_jsonb(st) - 'session_id'
+      FROM stage_messages st
+      JOIN memshift.messages m
+        ON m.session_id = st.session_id AND m.message_id = st.message_id AND m.seq <> st.seq
+), recorded AS (
+    INSERT INTO memshift.message_conflicts (session_id, seq, existing, incoming)
+    SELECT session_id, seq, existing, incoming FROM clash
+    ON CONFLICT DO NOTHING
+)
+SELECT session_id, count(*) FROM clash GROUP BY session_id
 
 -- name: bulk_next_seq
 UPDATE memshift.sessions s
@@ -332,29 +350,43 @@ SELECT session_id, tool_call_id, name, args, status, attempts, last_error, updat
   FROM stage_tool_runs
 
 -- name: bulk_merge_tool_runs
-{{merge_tool_runs rows=stage_tool_run_rows}}
-RETURNING session_id
+WITH changed AS (
+    {{merge_tool_runs rows=stage_tool_run_rows}}
+    RETURNING session_id
+)
+SELECT session_id, count(*) FROM changed GROUP BY session_id
 
 -- name: bulk_merge_summaries
-INSERT INTO memshift.summaries
-    (session_id, version, text, covers_through, updated_at, metadata)
-SELECT session_id, version, text, covers_through, updated_at, metadata FROM stage_summaries
-ON CONFLICT DO NOTHING
-RETURNING session_id
+WITH changed AS (
+    INSERT INTO memshift.summaries
+        (session_id, version, text, covers_through, updated_at, metadata)
+    SELECT session_id, version, text, covers_through, updated_at, metadata
+      FROM stage_summaries
+    ON CONFLICT DO NOTHING
+    RETURNING session_id
+)
+SELECT session_id, count(*) FROM changed GROUP BY session_id
 
 -- name: bulk_merge_checkpoints
-INSERT INTO memshift.checkpoints
-    (session_id, checkpoint_id, parent_id, step, state, created_at, metadata)
-SELECT session_id, checkpoint_id, parent_id, step, state, created_at, metadata
-  FROM stage_checkpoints
-ON CONFLICT DO NOTHING
-RETURNING session_id
+WITH changed AS (
+    INSERT INTO memshift.checkpoints
+        (session_id, checkpoint_id, parent_id, step, state, created_at, metadata)
+    SELECT session_id, checkpoint_id, parent_id, step, state, created_at, metadata
+      FROM stage_checkpoints
+    ON CONFLICT DO NOTHING
+    RETURNING session_id
+)
+SELECT session_id, count(*) FROM changed GROUP BY session_id
 
 -- name: bulk_merge_events
-INSERT INTO memshift.events (session_id, event_seq, type, from_status, to_status, at, data)
-SELECT session_id, event_seq, type, from_status, to_status, at, data FROM stage_events
-ON CONFLICT DO NOTHING
-RETURNING session_id
+WITH changed AS (
+    INSERT INTO memshift.events
+        (session_id, event_seq, type, from_status, to_status, at, data)
+    SELECT session_id, event_seq, type, from_status, to_status, at, data FROM stage_events
+    ON CONFLICT DO NOTHING
+    RETURNING session_id
+)
+SELECT session_id, count(*) FROM changed GROUP BY session_id
 
 -- name: bulk_next_event_seq
 UPDATE memshift.sessions s
