@@ -20,7 +20,8 @@ import redis
 from memshift.config import Settings
 from memshift.generate import generate_sessions
 from memshift.migrate.backfill import BackfillOptions, backfill
-from memshift.model import Message, SessionState, ToolRun
+from memshift.model import MemorySummary, Message, SessionState, ToolRun
+from memshift.stores.base import Outcome
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
 
@@ -168,7 +169,18 @@ def test_backfill_beside_live_writers_converges_exactly(
             while not stop.is_set():
                 sid = rng.choice(ids)
                 try:
-                    if rng.random() < 0.5:
+                    roll = rng.random()
+                    if roll < 0.2:
+                        state = primary.load_session(sid)
+                        assert state is not None
+                        latest = state.latest_summary
+                        version = (latest.version if latest else 0) + 1
+                        summary = MemorySummary(version=version, text=f"v{version} by {n}")
+                        # Replicate what the primary accepted (a racing writer's
+                        # same version was refused there, so it must not reach PG).
+                        if primary.put_summary(sid, summary) == Outcome.APPLIED:
+                            pg.put_summary(sid, summary)
+                    elif roll < 0.6:
                         sent = primary.append_message(sid, Message(
                             message_id=f"live-{n}-{i}", role="user", content=f"live {n}/{i}"))
                         pg.append_message(sid, sent)

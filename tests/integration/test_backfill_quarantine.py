@@ -147,6 +147,24 @@ def memshift(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str
                           capture_output=True, text=True, timeout=120, check=False)
 
 
+def test_unknown_extra_fields_are_kept_in_metadata_not_rejected(
+    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: Legacy
+) -> None:
+    legacy.session(b"extra", {"locale": "de-AT"},
+                   messages=[message(0, model="gpt-x", tokens=42), message(1)])
+
+    summary = backfill(Settings(redis_url=redis_url, postgres_dsn=pg_dsn, prefix=redis_prefix),
+                       BackfillOptions(prefix=redis_prefix))
+
+    assert (summary.migrated, summary.quarantined) == (1, 0)
+    with PostgresStore(pg_dsn) as truth:
+        state = truth.load_session("extra")
+    assert state is not None
+    assert state.session.metadata["redis_fields"] == {"locale": "de-AT"}
+    assert state.messages[0].metadata == {"model": "gpt-x", "tokens": 42}
+    assert state.messages[1].metadata == {}
+
+
 def test_quarantine_can_be_listed_shown_and_retried_once_fixed(
     pg_dsn: str, redis_url: str, redis_prefix: str, legacy: Legacy
 ) -> None:
