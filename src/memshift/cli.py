@@ -394,6 +394,142 @@ def quarantine_retry(
                   f"{outcome['vanished']} gone from Redis")
 
 
+stage_app = typer.Typer(help="The migration's stage: show it, move it (through its gates).")
+app.add_typer(stage_app, name="stage", no_args_is_help=True)
+slice_app = typer.Typer(help="Cut read paths over to PostgreSQL for a cohort of sessions.")
+app.add_typer(slice_app, name="slice", no_args_is_help=True)
+plan_app = typer.Typer(help="The Plan's audit log.")
+app.add_typer(plan_app, name="plan", no_args_is_help=True)
+
+Reason = Annotated[
+    str, typer.Option("--reason", help="Why: recorded in the audit log (required).")
+]
+
+
+def _plan_conn(ctx: typer.Context) -> Any:
+    from memshift.migrate.backfill import connect
+
+    return connect(need_postgres(settings_of(ctx)))
+
+
+def _show_plan(conn: Any, plan: Any, as_json: bool) -> None:
+    from memshift.migrate.plan import Stage, check_gates
+
+    gates = (check_gates(conn, list(Stage)[plan.stage.order + 1])
+             if plan.stage is not Stage.RETIRED else [])
+    if as_json:
+        emit_json(plan.as_json() | {"next_stage_gates": [vars(g) for g in gates]})
+        return
+    primary, secondary = plan.writes()
+    out.print(f"stage [bold]{plan.stage}[/] (Plan version {plan.version}, changed "
+              f"{plan.changed_at.isoformat(timespec='seconds')} by {escape(plan.changed_by)})")
+    out.print(f"writes: {primary} first" + (f", then {secondary}" if secondary else ""))
+    if plan.slices:
+        table = Table("read path", "percent", "tenants allowed", "tenants denied",
+                      title="read slices (used in cutover)")
+        for name, cut in sorted(plan.slices.items()):
+            table.add_row(escape(name), f"{cut.percent:g} %", ", ".join(cut.tenant_allow) or "all",
+                          ", ".join(cut.tenant_deny) or "none")
+        out.print(table)
+    if plan.stage is not Stage.RETIRED:
+        following = list(Stage)[plan.stage.order + 1]
+        for gate in gates:
+            mark = "[green]pass[/]" if gate.passed else "[red]fail[/]"
+            out.print(f"gate to {following}: {gate.name}: {mark} ({gate.detail})")
+        if not gates:
+            out.print(f"gate to {following}: none")
+
+
+@stage_app.command("show")
+def stage_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """The current stage, slices, and whether the gates to the next stage pass."""
+    from memshift.migrate.plan import load_plan
+
+    with _plan_conn(ctx) as conn:
+        _show_plan(conn, load_plan(conn), as_json)
+
+
+@stage_app.command("set")
+def stage_set(
+    ctx: typer.Context,
+    stage: Annotated[str, typer.Argument(help="redis_only, dual_write, shadow, cutover, "
+                                              "pg_primary or retired.")],
+    reason: Reason,
+    force: Annotated[bool, typer.Option("--force", help="Override failing gates.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Move the migration to STAGE: forward one stage through its gates, back at once."""
+    from memshift.migrate.plan import set_stage
+
+    with _plan_conn(ctx) as conn:
+        _show_plan(conn, set_stage(conn, stage, reason, force=force), as_json)
+
+
+@slice_app.command("set")
+def slice_set(
+    ctx: typer.Context,
+    read_path: Annotated[str, typer.Argument(help="The read path, e.g. resume or transcript.")],
+    percent: Annotated[float, typer.Option("--percent", min=0, max=100,
+                                           help="Share of sessions read from PostgreSQL.")],
+    reason: Reason,
+    tenant_allow: Annotated[str, typer.Option("--tenant-allow",
+                                              help="Only these tenants (comma-separated).")] = "",
+    tenant_deny: Annotated[str, typer.Option("--tenant-deny",
+                                             help="Never these tenants (comma-separated).")] = "",
+    as_json: JsonFlag = False,
+) -> None:
+    """Read READ_PATH from PostgreSQL for PERCENT % of sessions (in the cutover stage).
+
+    Cohorts are a stable hash of the session id: a session stays in as PERCENT grows.
+    """
+    from memshift.migrate.plan import set_slice
+
+    def names(text: str) -> tuple[str, ...]:
+        return tuple(t.strip() for t in text.split(",") if t.strip())
+
+    with _plan_conn(ctx) as conn:
+        plan = set_slice(conn, read_path, percent, reason, tenant_allow=names(tenant_allow),
+                         tenant_deny=names(tenant_deny))
+        _show_plan(conn, plan, as_json)
+
+
+@app.command("rollback")
+def rollback_cmd(
+    ctx: typer.Context,
+    reason: Reason,
+    path: Annotated[str | None, typer.Option("--path", help="Only this read path.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Move reads back to Redis at once: one read path, or all of them."""
+    from memshift.migrate.plan import rollback
+
+    with _plan_conn(ctx) as conn:
+        _show_plan(conn, rollback(conn, reason, read_path=path), as_json)
+
+
+@plan_app.command("history")
+def plan_history(
+    ctx: typer.Context,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
+    as_json: JsonFlag = False,
+) -> None:
+    """Every change to the Plan, newest first: who, when, why, before and after."""
+    from memshift.migrate.plan import history
+
+    with _plan_conn(ctx) as conn:
+        entries = history(conn, limit)
+    if as_json:
+        emit_json([vars(e) for e in entries])
+        return
+    table = Table("version", "at", "who", "action", "change", "why", title="Plan history")
+    for e in entries:
+        change = (f"{e.before['stage']} → {e.after['stage']}"
+                  if e.before["stage"] != e.after["stage"] else "slices")
+        table.add_row(str(e.version), e.at.isoformat(timespec="seconds"), escape(e.who),
+                      e.action + (" (forced)" if e.forced else ""), change, escape(e.why))
+    out.print(table)
+
+
 def main() -> None:
     """Entry point: usage errors are typer's; memshift errors become a message and code."""
     try:

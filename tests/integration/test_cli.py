@@ -15,8 +15,9 @@ from memshift.sql.migrations import migrations
 from memshift.stores.redis import RedisStore
 
 
-def memshift(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-             ) -> subprocess.CompletedProcess[str]:
+def memshift(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSHIFT_")}
     clean.update(env or {})
     clean["COLUMNS"] = "200"

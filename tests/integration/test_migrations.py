@@ -43,7 +43,7 @@ def describe(dsn: str) -> str:
 
 def test_migrations_build_exactly_the_schema_the_code_expects(empty_pg_dsn: str) -> None:
     upgrade(empty_pg_dsn)
-    # To accept a deliberate schema change: write describe()'s output to EXPECTED.
+    # To accept a deliberate schema change: python tools/schema_snapshot.py
     assert describe(empty_pg_dsn) == EXPECTED.read_text()
 
 

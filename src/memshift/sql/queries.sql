@@ -520,3 +520,33 @@ SELECT id, source, session_id, reason, state, seen, first_seen, last_seen
 SELECT id, source, session_key, session_id, reason, raw, run_id, state, seen, first_seen,
        last_seen, resolved_at
   FROM memshift.quarantine WHERE id = %(id)s
+
+-- ---------------------------------------------------------------------------------
+-- The Plan.
+
+-- name: plan_get
+SELECT version, stage, slices, rules, changed_at, changed_by FROM memshift.plan
+
+-- name: plan_lock
+SELECT version, stage, slices, rules, changed_at, changed_by FROM memshift.plan FOR UPDATE
+
+-- name: plan_put
+UPDATE memshift.plan
+   SET version = version + 1, stage = %(stage)s, slices = %(slices)s, rules = %(rules)s,
+       changed_at = now(), changed_by = %(who)s
+ WHERE version = %(version)s
+RETURNING version, stage, slices, rules, changed_at, changed_by
+
+-- name: plan_audit_add
+INSERT INTO memshift.plan_audit (version, who, why, action, forced, before, after)
+VALUES (%(version)s, %(who)s, %(why)s, %(action)s, %(forced)s, %(before)s, %(after)s)
+
+-- name: plan_history
+SELECT id, version, at, who, why, action, forced, before, after
+  FROM memshift.plan_audit ORDER BY id DESC LIMIT %(limit)s
+
+-- name: gate_backfill
+-- Whether a backfill has completed, and whether one is still unfinished.
+SELECT count(*) FILTER (WHERE state = 'completed'),
+       count(*) FILTER (WHERE state IN ('discovering', 'copying'))
+  FROM memshift.backfill_runs

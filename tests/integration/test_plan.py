@@ -1,0 +1,183 @@
+"""The Plan: stages one at a time through gates, slices by stable cohorts, all audited."""
+
+from __future__ import annotations
+
+import json
+import select
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from memshift.migrate.plan import (
+    GateRefused,
+    IllegalMove,
+    Stage,
+    history,
+    in_cohort,
+    load_plan,
+    rollback,
+    set_slice,
+    set_stage,
+)
+from tests.integration.test_cli import memshift
+
+
+@pytest.fixture
+def conn(pg_dsn: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(pg_dsn, autocommit=True) as made:
+        yield made
+
+
+def complete_a_backfill(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "INSERT INTO memshift.backfill_runs (source, layout, prefix, batch_size, state) "
+        "VALUES ('redis://test', 'reference', 'agent', 10, 'completed')"
+    )
+
+
+def test_a_new_plan_starts_redis_only_and_routes_everything_to_redis(
+    conn: psycopg.Connection[Any],
+) -> None:
+    plan = load_plan(conn)
+    assert (plan.stage, plan.version) == (Stage.REDIS_ONLY, 1)
+    assert plan.writes() == ("redis", None)
+    assert plan.read_source("resume", "s1") == "redis"
+
+
+def test_stages_move_forward_one_at_a_time(conn: psycopg.Connection[Any]) -> None:
+    with pytest.raises(IllegalMove, match="next is dual_write"):
+        set_stage(conn, "shadow", "skip ahead")
+    assert set_stage(conn, "dual_write", "start").stage is Stage.DUAL_WRITE
+    assert load_plan(conn).writes() == ("redis", "postgres")
+
+
+def test_a_gate_refuses_until_its_condition_holds_and_says_how(
+    conn: psycopg.Connection[Any],
+) -> None:
+    set_stage(conn, "dual_write", "start")
+    with pytest.raises(GateRefused, match=r"backfill complete.*memshift backfill"):
+        set_stage(conn, "shadow", "too early")
+    assert load_plan(conn).stage is Stage.DUAL_WRITE
+
+    complete_a_backfill(conn)
+    assert set_stage(conn, "shadow", "backfill done").stage is Stage.SHADOW
+
+
+def test_force_passes_a_failing_gate_and_the_audit_says_so(
+    conn: psycopg.Connection[Any],
+) -> None:
+    set_stage(conn, "dual_write", "start", who="alice")
+    set_stage(conn, "shadow", "incident 42: backfill verified by hand", force=True, who="bob")
+
+    latest = history(conn)[0]
+    assert (latest.who, latest.why, latest.forced, latest.action) == (
+        "bob", "incident 42: backfill verified by hand", True, "stage")
+    assert (latest.before["stage"], latest.after["stage"]) == ("dual_write", "shadow")
+    assert latest.version == load_plan(conn).version == 3
+
+
+def test_moving_back_is_allowed_at_once(conn: psycopg.Connection[Any]) -> None:
+    complete_a_backfill(conn)
+    for stage in ("dual_write", "shadow", "cutover", "pg_primary"):
+        set_stage(conn, stage, "forward")
+    assert set_stage(conn, "dual_write", "back at once").stage is Stage.DUAL_WRITE
+
+
+def test_reads_cannot_go_back_to_redis_after_retirement_without_force(
+    conn: psycopg.Connection[Any],
+) -> None:
+    complete_a_backfill(conn)
+    for stage in ("dual_write", "shadow", "cutover", "pg_primary", "retired"):
+        set_stage(conn, stage, "forward")
+    with pytest.raises(IllegalMove, match="no writes"):
+        set_stage(conn, "shadow", "back")
+    with pytest.raises(IllegalMove, match="pg_primary"):
+        rollback(conn, "everything back")
+    assert set_stage(conn, "pg_primary", "back one").stage is Stage.PG_PRIMARY
+
+
+def test_a_change_without_a_reason_is_refused(conn: psycopg.Connection[Any]) -> None:
+    with pytest.raises(ValueError, match="reason"):
+        set_stage(conn, "dual_write", "  ")
+    assert load_plan(conn).version == 1
+
+
+def test_slices_route_reads_by_cohort_and_tenant_only_in_cutover(
+    conn: psycopg.Connection[Any],
+) -> None:
+    complete_a_backfill(conn)
+    for stage in ("dual_write", "shadow"):
+        set_stage(conn, stage, "forward")
+    set_slice(conn, "resume", 100, "all of resume", tenant_deny=("vip",))
+    assert load_plan(conn).read_source("resume", "s1", "acme") == "redis"  # not cutover yet
+
+    plan = set_stage(conn, "cutover", "go")
+    assert plan.read_source("resume", "s1", "acme") == "postgres"
+    assert plan.read_source("resume", "s1", "vip") == "redis"
+    assert plan.read_source("transcript", "s1", "acme") == "redis"
+
+    after = rollback(conn, "drift on resume", read_path="resume")
+    assert after.read_source("resume", "s1", "acme") == "redis"
+    assert after.stage is Stage.CUTOVER
+
+
+def test_a_full_rollback_sends_every_read_back_to_redis(conn: psycopg.Connection[Any]) -> None:
+    complete_a_backfill(conn)
+    for stage in ("dual_write", "shadow", "cutover", "pg_primary"):
+        set_stage(conn, stage, "forward")
+    set_slice(conn, "resume", 50, "half")
+
+    plan = rollback(conn, "pager went off")
+
+    assert plan.stage is Stage.SHADOW and plan.slices["resume"].percent == 0
+    assert plan.read_source("resume", "any", None) == "redis"
+    assert plan.writes() == ("redis", "postgres")
+
+
+@given(session_id=st.text(min_size=1, max_size=40),
+       percents=st.tuples(st.floats(0, 100), st.floats(0, 100)))
+def test_a_session_in_a_cohort_stays_in_as_the_percentage_grows(
+    session_id: str, percents: tuple[float, float]
+) -> None:
+    low, high = sorted(percents)
+    if in_cohort(session_id, low):
+        assert in_cohort(session_id, high)
+
+
+def test_cohorts_take_about_the_share_they_say() -> None:
+    ids = [f"sess_{i}" for i in range(20_000)]
+    share = sum(in_cohort(sid, 25) for sid in ids) / len(ids)
+    assert 0.24 < share < 0.26
+    assert not any(in_cohort(sid, 0) for sid in ids)
+    assert all(in_cohort(sid, 100) for sid in ids)
+
+
+def test_every_change_is_announced_to_listeners(
+    conn: psycopg.Connection[Any], pg_dsn: str
+) -> None:
+    with psycopg.connect(pg_dsn, autocommit=True) as listener:
+        listener.execute("LISTEN memshift_plan")
+        set_stage(conn, "dual_write", "start")
+        ready = select.select([listener.fileno()], [], [], 5)[0]
+        assert ready
+        notices = list(listener.notifies(timeout=1, stop_after=1))
+    assert [(n.channel, n.payload) for n in notices] == [("memshift_plan", "2")]
+
+
+def test_the_cli_moves_the_plan_and_shows_its_history(pg_dsn: str) -> None:
+    env = {"MEMSHIFT_POSTGRES_DSN": pg_dsn, "MEMSHIFT_OPERATOR": "carol"}
+    refused = memshift("stage", "set", "shadow", "--reason", "skip", env=env)
+    moved = memshift("stage", "set", "dual_write", "--reason", "begin", "--json", env=env)
+    shown = memshift("stage", "show", "--json", env=env)
+    audit = memshift("plan", "history", "--json", env=env)
+
+    assert refused.returncode == 10 and "one at a time" in refused.stderr
+    assert moved.returncode == 0 and json.loads(moved.stdout)["stage"] == "dual_write"
+    gates = json.loads(shown.stdout)["next_stage_gates"]
+    assert [(g["name"], g["passed"]) for g in gates] == [("backfill complete", False)]
+    entries = json.loads(audit.stdout)
+    assert [(e["who"], e["why"]) for e in entries] == [("carol", "begin")]
