@@ -56,6 +56,18 @@ LEGAL_TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+def check_status(session_id: str, status: str) -> str:
+    """``status`` when it is a session status; ValidationError naming the session if not."""
+    if status not in LEGAL_TRANSITIONS:
+        raise ValidationError(
+            f"session {session_id!r}: unknown status {status!r}; "
+            f"statuses are: {', '.join(LEGAL_TRANSITIONS)}",
+            session_id=session_id,
+            where="set_status",
+        )
+    return status
+
+
 def legal_sources(to_status: str) -> list[str]:
     """The statuses from which a move to ``to_status`` is legal."""
     return [src for src, targets in LEGAL_TRANSITIONS.items() if to_status in targets]

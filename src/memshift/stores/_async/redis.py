@@ -45,7 +45,6 @@ from memshift.errors import (
 )
 from memshift.model import (
     LEGAL_TRANSITIONS,
-    SESSION_STATUSES,
     Checkpoint,
     Event,
     MemorySummary,
@@ -55,6 +54,7 @@ from memshift.model import (
     StatusChange,
     ToolRun,
     check_session_id,
+    check_status,
     coerce,
     merge_tool_runs,
     now,
@@ -314,13 +314,7 @@ class AsyncRedisStore:
         data: Mapping[str, Any] | None = None,
     ) -> StatusChange:
         sid = check_session_id(session_id)
-        if status not in SESSION_STATUSES:
-            raise ValidationError(
-                f"session {sid!r}: unknown status {status!r}; "
-                f"known statuses: {', '.join(SESSION_STATUSES)}",
-                session_id=sid,
-                where="status",
-            )
+        check_status(sid, status)
         event: Event = parse(
             Event,
             {"to_status": status, "at": now() if at is None else at, "data": dict(data or {})},

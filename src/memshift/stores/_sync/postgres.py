@@ -35,6 +35,7 @@ from memshift.model import (
     StatusChange,
     ToolRun,
     check_session_id,
+    check_status,
     coerce,
     legal_sources,
     now,
@@ -322,13 +323,7 @@ class PostgresStore:
         data: Mapping[str, Any] | None = None,
     ) -> StatusChange:
         sid = check_session_id(session_id)
-        if status not in LEGAL_TRANSITIONS:
-            raise ValidationError(
-                f"session {sid!r}: unknown status {status!r}; "
-                f"statuses are: {', '.join(LEGAL_TRANSITIONS)}",
-                session_id=sid,
-                where="set_status",
-            )
+        check_status(sid, status)
         event: Event = coerce(
             Event,
             {"to_status": status, "at": at or now(), "data": dict(data or {})},

@@ -46,7 +46,6 @@ from memshift.errors import (
 )
 from memshift.model import (
     LEGAL_TRANSITIONS,
-    SESSION_STATUSES,
     Checkpoint,
     Event,
     MemorySummary,
@@ -56,6 +55,7 @@ from memshift.model import (
     StatusChange,
     ToolRun,
     check_session_id,
+    check_status,
     coerce,
     merge_tool_runs,
     now,
@@ -315,13 +315,7 @@ class RedisStore:
         data: Mapping[str, Any] | None = None,
     ) -> StatusChange:
         sid = check_session_id(session_id)
-        if status not in SESSION_STATUSES:
-            raise ValidationError(
-                f"session {sid!r}: unknown status {status!r}; "
-                f"known statuses: {', '.join(SESSION_STATUSES)}",
-                session_id=sid,
-                where="status",
-            )
+        check_status(sid, status)
         event: Event = parse(
             Event,
             {"to_status": status, "at": now() if at is None else at, "data": dict(data or {})},
