@@ -29,6 +29,7 @@ REPLACEMENTS = {
     "AsyncRedisStore": "RedisStore",
     "AsyncStore": "Store",
     "AsyncPostgresStore": "PostgresStore",
+    "AsyncMigratingStore": "MigratingStore",
     "AsyncConnectionPool": "ConnectionPool",
     "AsyncConnection": "Connection",
     "AsyncIterator": "Iterator",

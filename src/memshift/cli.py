@@ -530,6 +530,45 @@ def plan_history(
     out.print(table)
 
 
+@app.command("repair")
+def repair_cmd(
+    ctx: typer.Context,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Repair at most this many sessions.")
+    ] = None,
+    spool: Annotated[
+        Path | None,
+        typer.Option("--spool", help="Spool file to move into the queue first "
+                                     "[default: DATA_DIR/repair.spool].", show_default=False),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Drain the repair queue: copy each session with failed secondary writes whole
+    from the other store into the one that missed them.
+
+    Moves the local spool (writes that failed while PostgreSQL was down) into the
+    queue first. Safe to run twice, or from several machines at once. Exit 1 when
+    some sessions could not be repaired (they stay queued, with the error).
+    """
+    from memshift.migrate.repair import repair
+
+    summary = repair(settings_of(ctx), limit=limit, spool_path=spool)
+    if as_json:
+        emit_json(summary.as_json())
+    else:
+        out.print(
+            f"repaired {summary.sessions_repaired:,} session(s) ({summary.entries_done:,} "
+            f"queued write(s), {summary.vanished:,} gone from their source), "
+            f"{summary.moved_from_spool:,} moved from the spool, {len(summary.failed):,} "
+            f"failed; {summary.remaining:,} left in the queue"
+        )
+        for failure in summary.failed:
+            out.print(f"[red]failed[/] {escape(failure.session_id)} → {failure.target}: "
+                      f"{escape(failure.error)}")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: usage errors are typer's; memshift errors become a message and code."""
     try:

@@ -4,27 +4,35 @@ Every process routes by the Plan (``Plan.writes``, ``Plan.read_source``); every 
 to it is one transaction that checks the gates, bumps the version, appends an audit
 row (who, when, why, before, after) and announces the new version with NOTIFY.
 Moving forward goes one stage at a time through the gates (``--force`` overrides,
-with the reason in the audit); moving back is allowed at once.
+with the reason in the audit); moving back is allowed at once. Processes hold the
+Plan through a ``PlanSource``: ``PlanWatcher``/``AsyncPlanWatcher`` (LISTEN/NOTIFY
+and a poll; stale after ``max_staleness``) or a fixed ``StaticPlan``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import enum
 import getpass
 import hashlib
+import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from memshift.errors import MemshiftError, ValidationError
+from memshift.errors import MemshiftError, StoreUnavailable, ValidationError
+from memshift.redact import redact
 from memshift.sql.queries import query
 
 StoreName = Literal["redis", "postgres"]
@@ -349,3 +357,272 @@ def history(conn: psycopg.Connection[Any], limit: int = 50) -> list[AuditEntry]:
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(query("plan_history"), {"limit": limit}).fetchall()
     return [AuditEntry(**row) for row in rows]
+
+
+# -- sources: how a process knows the current Plan ------------------------------------
+
+log = logging.getLogger("memshift.plan")
+
+
+@runtime_checkable
+class PlanSource(Protocol):
+    """Where a router gets the Plan: ``current()`` is (the Plan, whether it is fresh).
+
+    A source that has not refreshed the Plan for too long reports it as not fresh:
+    the router then keeps reads on Redis while the stage is before ``pg_primary``.
+    """
+
+    def current(self) -> tuple[Plan, bool]: ...
+
+    def repair_targets(self) -> frozenset[str] | None:
+        """The stores some repair is pending for, as last seen; None when not watched."""
+        ...
+
+
+class StaticPlan:
+    """A fixed Plan (tests, scripts); ``fresh=False`` plays a watcher gone stale.
+
+    It does not watch the repair queue: a router asks the queue itself.
+    """
+
+    def __init__(self, plan: Plan, *, fresh: bool = True) -> None:
+        self.plan = plan
+        self.fresh = fresh
+
+    def current(self) -> tuple[Plan, bool]:
+        return self.plan, self.fresh
+
+    def repair_targets(self) -> frozenset[str] | None:
+        return None
+
+
+# LISTEN waits in slices this long, so close() is prompt.
+_WAIT_SLICE = 0.25
+# How often a watcher looks at which stores repairs are pending for (reads of a
+# store with pending repairs ask the queue per session; the others need not).
+_REPAIR_POLL = 1.0
+# Keepalives, so a connection to a server that went silent fails instead of hanging.
+_CONNECT_OPTIONS: dict[str, Any] = {
+    "autocommit": True,
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 10_000,
+}
+
+
+class _Freshness:
+    """The Plan a watcher holds, when it last refreshed it, and the stale/recovered log."""
+
+    def __init__(self, dsn: str, poll_seconds: float, max_staleness: float) -> None:
+        if poll_seconds <= 0 or max_staleness <= 0:
+            raise ValidationError(
+                f"poll_seconds and max_staleness must be above 0; got {poll_seconds!r}, "
+                f"{max_staleness!r}"
+            )
+        self._dsn = dsn
+        self.poll_seconds = poll_seconds
+        self.max_staleness = max_staleness
+        self._plan: Plan | None = None
+        self._refreshed = 0.0
+        self._stale = False
+        self._lock = threading.Lock()
+        self.reloads = 0
+        self._repair_targets: frozenset[str] | None = None
+        self._repairs_seen = float("-inf")
+
+    def repair_targets(self) -> frozenset[str] | None:
+        if time.monotonic() - self._repairs_seen > self.max_staleness:
+            return None  # too old to trust: the router asks the queue itself
+        return self._repair_targets
+
+    def _repairs_due(self) -> bool:
+        return time.monotonic() - self._repairs_seen >= _REPAIR_POLL
+
+    def _saw_repairs(self, rows: list[tuple[Any, ...]]) -> None:
+        self._repair_targets = frozenset(row[0] for row in rows)
+        self._repairs_seen = time.monotonic()
+
+    def current(self) -> tuple[Plan, bool]:
+        plan = self._plan
+        if plan is None:
+            raise MemshiftError("the Plan watcher is not started: open it first")
+        fresh = time.monotonic() - self._refreshed <= self.max_staleness
+        if not fresh:
+            with self._lock:
+                if not self._stale:
+                    self._stale = True
+                    log.warning(
+                        "the Plan (version %s, stage %s) has not been refreshed for over %g s: "
+                        "reads stay on Redis while the stage is before pg_primary",
+                        plan.version, plan.stage, self.max_staleness,
+                    )
+        return plan, fresh
+
+    def _refreshed_with(self, plan: Plan) -> None:
+        self._plan = plan
+        self._refreshed = time.monotonic()
+        self.reloads += 1
+        with self._lock:
+            if self._stale:
+                self._stale = False
+                log.warning("the Plan is fresh again: version %s, stage %s",
+                            plan.version, plan.stage)
+
+    def _failed(self, exc: BaseException) -> None:
+        log.debug("refreshing the Plan failed: %s", redact(str(exc)))
+
+
+class PlanWatcher(_Freshness):
+    """The current Plan, kept fresh by a thread: LISTEN for changes, poll as a backstop.
+
+    The Plan is loaded when the watcher starts (so a router never runs without one);
+    then every NOTIFY on ``CHANNEL`` and every ``poll_seconds`` reload it. When no
+    reload has succeeded for ``max_staleness`` seconds, ``current()`` reports the Plan
+    as stale (logged once; the recovery too). ``close()`` stops the thread.
+    """
+
+    def __init__(
+        self, dsn: str, *, poll_seconds: float = 5.0, max_staleness: float = 15.0
+    ) -> None:
+        super().__init__(dsn, poll_seconds, max_staleness)
+        self._stop = threading.Event()
+        self._conn: psycopg.Connection[Any] | None = None
+        try:
+            self._conn = self._connect()
+            self._refreshed_with(load_plan(self._conn))
+        except psycopg.Error as exc:
+            self._drop()
+            raise StoreUnavailable(
+                f"cannot load the Plan from PostgreSQL at {redact(dsn)}: "
+                f"{redact(str(exc)).strip()}"
+            ) from None
+        self._thread = threading.Thread(target=self._run, name="memshift-plan", daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> PlanWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        conn = psycopg.connect(self._dsn, **_CONNECT_OPTIONS)
+        conn.execute(f"LISTEN {CHANNEL}")
+        return conn
+
+    def _drop(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _run(self) -> None:
+        last_poll = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                if self._conn is None:
+                    self._conn = self._connect()
+                    self._refreshed_with(load_plan(self._conn))
+                    last_poll = time.monotonic()
+                notified = any(True for _ in self._conn.notifies(timeout=_WAIT_SLICE,
+                                                                 stop_after=1))
+                if notified or time.monotonic() - last_poll >= self.poll_seconds:
+                    self._refreshed_with(load_plan(self._conn))
+                    last_poll = time.monotonic()
+                if self._repairs_due():
+                    self._saw_repairs(self._conn.execute(query("repair_targets")).fetchall())
+            except (psycopg.Error, MemshiftError, OSError) as exc:
+                self._failed(exc)
+                self._drop()
+                self._stop.wait(min(self.poll_seconds, 1.0))
+        self._drop()
+
+
+class AsyncPlanWatcher(_Freshness):
+    """:class:`PlanWatcher` for asyncio: the same, run as a task of the running loop.
+
+    Start it with ``await watcher.open()`` or ``async with AsyncPlanWatcher(dsn)``.
+    """
+
+    def __init__(
+        self, dsn: str, *, poll_seconds: float = 5.0, max_staleness: float = 15.0
+    ) -> None:
+        super().__init__(dsn, poll_seconds, max_staleness)
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> AsyncPlanWatcher:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self._task is not None:
+            return
+        try:
+            self._conn = await self._connect()
+            self._refreshed_with(await self._load())
+        except psycopg.Error as exc:
+            await self._drop()
+            raise StoreUnavailable(
+                f"cannot load the Plan from PostgreSQL at {redact(self._dsn)}: "
+                f"{redact(str(exc)).strip()}"
+            ) from None
+        self._task = asyncio.create_task(self._run(), name="memshift-plan")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._drop()
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        conn = await psycopg.AsyncConnection.connect(self._dsn, **_CONNECT_OPTIONS)
+        await conn.execute(f"LISTEN {CHANNEL}")
+        return conn
+
+    async def _load(self) -> Plan:
+        assert self._conn is not None
+        async with self._conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query("plan_get"))
+            row = await cur.fetchone()
+        if row is None:
+            raise MemshiftError("the Plan row is missing; run `memshift db upgrade`")
+        return Plan.model_validate(row)
+
+    async def _drop(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _run(self) -> None:
+        last_poll = time.monotonic()
+        while True:
+            try:
+                if self._conn is None:
+                    self._conn = await self._connect()
+                    self._refreshed_with(await self._load())
+                    last_poll = time.monotonic()
+                notified = False
+                async for _ in self._conn.notifies(timeout=_WAIT_SLICE, stop_after=1):
+                    notified = True
+                if notified or time.monotonic() - last_poll >= self.poll_seconds:
+                    self._refreshed_with(await self._load())
+                    last_poll = time.monotonic()
+                if self._repairs_due():
+                    cur = await self._conn.execute(query("repair_targets"))
+                    self._saw_repairs(await cur.fetchall())
+            except (psycopg.Error, MemshiftError, OSError) as exc:
+                self._failed(exc)
+                await self._drop()
+                await asyncio.sleep(min(self.poll_seconds, 1.0))

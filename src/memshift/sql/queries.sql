@@ -550,3 +550,46 @@ SELECT id, version, at, who, why, action, forced, before, after
 SELECT count(*) FILTER (WHERE state = 'completed'),
        count(*) FILTER (WHERE state IN ('discovering', 'copying'))
   FROM memshift.backfill_runs
+
+-- ---------------------------------------------------------------------------------
+-- The repair queue.
+
+-- name: repair_enqueue
+INSERT INTO memshift.repair_queue (session_id, target, operation, error, enqueued_at, spool_id)
+VALUES (%(session_id)s, %(target)s, %(operation)s, %(error)s, %(enqueued_at)s, %(spool_id)s)
+ON CONFLICT (spool_id) DO NOTHING
+
+-- name: repair_pending
+-- Whether this session has repairs pending for this store (then it is read elsewhere).
+SELECT EXISTS (SELECT 1 FROM memshift.repair_queue
+                WHERE session_id = %(session_id)s AND target = %(target)s)
+
+-- name: repair_targets
+-- The stores that some repair is pending for.
+SELECT DISTINCT target FROM memshift.repair_queue
+
+-- name: repair_claim
+-- One session's pending repairs for one store, locked; rows another worker holds, or
+-- that failed since this run started, are left for later.
+WITH first AS (
+    SELECT session_id, target FROM memshift.repair_queue
+     WHERE last_attempt_at IS NULL OR last_attempt_at < %(since)s
+     ORDER BY id LIMIT 1
+       FOR UPDATE SKIP LOCKED
+)
+SELECT q.id, q.session_id, q.target
+  FROM memshift.repair_queue q JOIN first USING (session_id, target)
+ WHERE q.last_attempt_at IS NULL OR q.last_attempt_at < %(since)s
+   FOR UPDATE OF q SKIP LOCKED
+
+-- name: repair_done
+DELETE FROM memshift.repair_queue WHERE id = ANY(%(ids)s)
+
+-- name: repair_failed
+UPDATE memshift.repair_queue
+   SET attempts = attempts + 1, last_error = %(error)s, last_attempt_at = clock_timestamp()
+ WHERE id = ANY(%(ids)s)
+
+-- name: repair_counts
+SELECT target, count(*), count(DISTINCT session_id), min(enqueued_at)
+  FROM memshift.repair_queue GROUP BY target ORDER BY target

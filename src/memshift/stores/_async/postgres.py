@@ -56,6 +56,7 @@ class AsyncPostgresStore:
     """The memshift truth model in PostgreSQL (schema ``memshift``).
 
     Give it a DSN (it owns a connection pool and closes it) or a pool of your own.
+    ``timeout`` is how long a call waits for a connection before StoreUnavailable.
     Use it as a context manager, or call ``close()`` when done.
     """
 
@@ -67,6 +68,7 @@ class AsyncPostgresStore:
         *,
         min_size: int = 1,
         max_size: int = 10,
+        timeout: float = 30.0,
         check_schema: bool = True,
     ) -> None:
         if isinstance(dsn_or_pool, str):
@@ -76,6 +78,7 @@ class AsyncPostgresStore:
                 min_size=min_size,
                 max_size=max_size,
                 kwargs={"autocommit": True},
+                timeout=timeout,
                 open=False,
                 name="memshift-postgres",
                 configure=_utc_session,
@@ -95,6 +98,11 @@ class AsyncPostgresStore:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The connection pool (the router writes the repair queue through it)."""
+        return self._pool
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self._dsn)!r})"
 
@@ -104,7 +112,7 @@ class AsyncPostgresStore:
             return
         if self._owns_pool:
             try:
-                await self._pool.open(wait=True, timeout=15)
+                await self._pool.open(wait=True, timeout=min(15.0, self._pool.timeout))
             except (psycopg.Error, PoolTimeout) as exc:
                 raise self._unavailable(exc) from None
         if self._check_schema:

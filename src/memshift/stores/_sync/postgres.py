@@ -57,6 +57,7 @@ class PostgresStore:
     """The memshift truth model in PostgreSQL (schema ``memshift``).
 
     Give it a DSN (it owns a connection pool and closes it) or a pool of your own.
+    ``timeout`` is how long a call waits for a connection before StoreUnavailable.
     Use it as a context manager, or call ``close()`` when done.
     """
 
@@ -68,6 +69,7 @@ class PostgresStore:
         *,
         min_size: int = 1,
         max_size: int = 10,
+        timeout: float = 30.0,
         check_schema: bool = True,
     ) -> None:
         if isinstance(dsn_or_pool, str):
@@ -77,6 +79,7 @@ class PostgresStore:
                 min_size=min_size,
                 max_size=max_size,
                 kwargs={"autocommit": True},
+                timeout=timeout,
                 open=False,
                 name="memshift-postgres",
                 configure=_utc_session,
@@ -96,6 +99,11 @@ class PostgresStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def pool(self) -> ConnectionPool:
+        """The connection pool (the router writes the repair queue through it)."""
+        return self._pool
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact(self._dsn)!r})"
 
@@ -105,7 +113,7 @@ class PostgresStore:
             return
         if self._owns_pool:
             try:
-                self._pool.open(wait=True, timeout=15)
+                self._pool.open(wait=True, timeout=min(15.0, self._pool.timeout))
             except (psycopg.Error, PoolTimeout) as exc:
                 raise self._unavailable(exc) from None
         if self._check_schema:

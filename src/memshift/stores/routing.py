@@ -1,0 +1,46 @@
+"""What the MigratingStore reports: which store served a read and why, and its counters."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from memshift.migrate.plan import StoreName
+from memshift.model import SessionState
+
+# Why a read went where it did:
+#   stage                  the stage sends every read of this path there
+#   slice                  a cutover slice covers this read path, session and tenant
+#   stale_plan             the Plan could not be refreshed in time: Redis, the old store
+#   repair_pending         the chosen store missed writes still queued for repair
+#   secondary_unavailable  the chosen store (not the primary) could not be reached
+ReadReason = Literal["stage", "slice", "stale_plan", "repair_pending", "secondary_unavailable"]
+
+
+@dataclass(frozen=True)
+class ReadResult:
+    state: SessionState | None
+    source: StoreName
+    reason: ReadReason
+
+
+@dataclass
+class RouterStats:
+    """Per-router counters (Prometheus metrics are built on these elsewhere)."""
+
+    reads: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # source, path, reason
+    # store, result: ok | error (primary), ok | failed | skipped (secondary)
+    writes: Counter[tuple[str, str]] = field(default_factory=Counter)
+    repairs_enqueued: int = 0
+    spool_writes: int = 0
+    stale_plan_reads: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "reads": {"/".join(key): n for key, n in self.reads.items()},
+            "writes": {"/".join(key): n for key, n in self.writes.items()},
+            "repairs_enqueued": self.repairs_enqueued,
+            "spool_writes": self.spool_writes,
+            "stale_plan_reads": self.stale_plan_reads,
+        }
