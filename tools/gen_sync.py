@@ -30,9 +30,11 @@ REPLACEMENTS = {
     "AsyncStore": "Store",
     "AsyncPostgresStore": "PostgresStore",
     "AsyncMigratingStore": "MigratingStore",
+    "AsyncSessionCache": "SessionCache",
     "AsyncConnectionPool": "ConnectionPool",
     "AsyncConnection": "Connection",
     "AsyncIterator": "Iterator",
+    "AsyncLock": "Lock",
 }
 HEADER = "# Generated from ../_async/{name} by tools/gen_sync.py: do not edit.\n"
 

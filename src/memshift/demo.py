@@ -1,30 +1,40 @@
 """`memshift demo` and `memshift generate`: generated sessions, written as an app would.
 
-The demo starts embedded servers when none are given, upgrades the schema, plays
-generated agent sessions into Redis (the primary) and replicates each acknowledged
-write to PostgreSQL with the values Redis assigned, the way the dual-write stage
-does. Then the legacy app trims long transcripts and sets TTLs in Redis, and the
-demo shows what each store holds and whether the two agree on what a resume needs.
+The demo starts embedded servers when none are given and runs a whole staged
+migration on generated agent sessions while traffic keeps flowing: the legacy app
+writes to Redis; the app swaps in the MigratingStore; the Plan moves through
+dual_write, shadow (after the backfill), cutover (slice by slice) and pg_primary.
+Then it shows what each store holds and whether both would resume every session
+the same way.
 """
 
 from __future__ import annotations
 
+import random
+import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
+import psycopg
 import redis
 from rich.console import Console
 from rich.table import Table
 
 from memshift import embedded
 from memshift.config import Settings
-from memshift.generate import Call, GeneratedSession, generate_sessions
-from memshift.model import SessionState, StatusChange
+from memshift.errors import ConfigError, MemshiftError
+from memshift.generate import GeneratedSession, generate_sessions
+from memshift.migrate.backfill import BackfillOptions, backfill
+from memshift.migrate.plan import PlanWatcher, Stage, load_plan, set_slice, set_stage
+from memshift.migrate.repair import repair
+from memshift.model import Message, SessionState, ToolRun, now
 from memshift.observe.progress import progress
 from memshift.redact import redact
 from memshift.sql.migrations import upgrade
-from memshift.stores.base import Store
 from memshift.stores.layouts import get_layout
+from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
 
@@ -46,18 +56,6 @@ def legacy_housekeeping(client: redis.Redis, prefix: str, generated: GeneratedSe
         for key in keys:
             pipe.expire(key, generated.ttl_seconds)
         pipe.execute()
-
-
-def replicate(primary: Store, secondary: Store, call: Call) -> None:
-    """Apply ``call`` to the primary, then its acknowledged result to the secondary."""
-    result = getattr(primary, call.method)(*call.args)
-    if call.method == "append_message":
-        secondary.append_message(call.args[0], result)  # carries the seq Redis gave
-    elif call.method == "set_status":
-        assert isinstance(result, StatusChange)
-        secondary.apply_status_change(result)
-    else:
-        getattr(secondary, call.method)(*call.args)
 
 
 def generate_into_redis(
@@ -87,57 +85,182 @@ def generate_into_redis(
 def run_demo(
     settings: Settings, *, sessions: int, seed: int, console: Console, quiet: bool
 ) -> dict[str, Any]:
+    """A whole staged migration on generated sessions while traffic keeps flowing.
+
+    Half of the sessions are written by the legacy app alone (``redis_only``); then
+    the app swaps in the MigratingStore and the Plan moves ``dual_write → shadow →
+    cutover → pg_primary`` while a traffic thread keeps writing through the router, and
+    the backfill copies what Redis held before.
+    """
     say = (lambda *a, **k: None) if quiet else console.print
     with embedded.servers(settings) as (postgres_dsn, redis_url, started):
         for server in started:
             say(f"[dim]started embedded {server.kind} at {redact(server.url)}[/]")
         applied = upgrade(postgres_dsn)
         say(f"schema memshift: {len(applied)} migration(s) applied")
-        client = redis.Redis.from_url(redis_url)
-        legacy = RedisStore(
-        client, layout=settings.layout, prefix=settings.prefix, ttl_seconds=settings.ttl_seconds
-    )
-        truth = PostgresStore(postgres_dsn)
-        try:
-            ids, elapsed = _play(legacy, truth, client, settings.prefix, sessions, seed, console,
-                                 quiet)
-            report = _compare(legacy, truth, ids)
-        finally:
-            legacy.close()
-            truth.close()
-            client.close()
-    report["seconds"] = round(elapsed, 2)
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+            stage = load_plan(conn).stage
+            if stage is not Stage.REDIS_ONLY and any(s.kind == "postgres" for s in started):
+                # The embedded servers are the demo's own: a second run starts over.
+                set_stage(conn, Stage.REDIS_ONLY, "the demo starts over", force=True,
+                          who="memshift demo")
+            elif stage is not Stage.REDIS_ONLY:
+                raise ConfigError(
+                    "the demo moves the Plan from redis_only to pg_primary, but this "
+                    f"database's Plan is at {stage}; run the demo on a scratch database, "
+                    "or with no --postgres-dsn (embedded servers)"
+                )
+            demo = _Demo(settings, postgres_dsn, redis_url, conn, console, quiet)
+            try:
+                report = demo.run(sessions, seed)
+            finally:
+                demo.close()
     if not quiet:
         _show(console, report)
     return report
 
 
-def _play(
-    legacy: RedisStore,
-    truth: PostgresStore,
-    client: redis.Redis,
-    prefix: str,
-    count: int,
-    seed: int,
-    console: Console,
-    quiet: bool,
-) -> tuple[list[str], float]:
-    ids = []
-    writes = 0
-    started = time.perf_counter()
-    with progress(console, quiet) as bar:
-        task = bar.add_task("dual-writing sessions", total=count, rate="")
+class _Demo:
+    def __init__(
+        self, settings: Settings, postgres_dsn: str, redis_url: str,
+        conn: psycopg.Connection[Any], console: Console, quiet: bool,
+    ) -> None:
+        self.settings = replace(settings, postgres_dsn=postgres_dsn, redis_url=redis_url)
+        self.conn = conn
+        self.console = console
+        self.quiet = quiet
+        self.client = redis.Redis.from_url(redis_url)
+        self.legacy = RedisStore(self.client, layout=settings.layout, prefix=settings.prefix,
+                                 ttl_seconds=settings.ttl_seconds)
+        self.truth = PostgresStore(postgres_dsn)
+        self.watcher = PlanWatcher(postgres_dsn, poll_seconds=1.0)
+        self.router = MigratingStore(
+            RedisStore(redis_url, layout=settings.layout, prefix=settings.prefix),
+            PostgresStore(postgres_dsn),
+            self.watcher,
+            spool_path=Path(settings.data_dir) / "repair.spool",
+        )
+        self.started = time.perf_counter()
+
+    def close(self) -> None:
+        self.router.close()
+        self.watcher.close()
+        self.legacy.close()
+        self.truth.close()
+        self.client.close()
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            elapsed = time.perf_counter() - self.started
+            self.console.print(f"[dim]{elapsed:6.1f}s[/] {text}")
+
+    def stage(self, target: Stage, why: str) -> None:
+        plan = set_stage(self.conn, target, why, who="memshift demo")
+        primary, secondary = plan.writes()
+        self.say(f"stage [bold]{plan.stage}[/]: writes to {primary}"
+                 + (f" then {secondary}" if secondary else "") + f" — {why}")
+
+    def run(self, count: int, seed: int) -> dict[str, Any]:
         # Ids of this run's own, so a second demo on the same servers starts afresh.
-        namespace = f"demo{int(time.time())}"
-        for generated in generate_sessions(count, seed=seed, namespace=namespace):
-            for call in generated.calls:
-                replicate(legacy, truth, call)
-                writes += 1
-            legacy_housekeeping(client, prefix, generated)
-            ids.append(generated.session_id)
-            rate = writes / max(time.perf_counter() - started, 1e-9)
-            bar.update(task, advance=1, rate=f"{rate:,.0f} writes/s")
-    return ids, time.perf_counter() - started
+        generated = list(generate_sessions(count, seed=seed, namespace=f"demo{int(time.time())}"))
+        split = max(count // 2, 1)
+        legacy_half, live_half = generated[:split], generated[split:]
+        with progress(self.console, self.quiet) as bar:
+            task = bar.add_task("legacy app writes to Redis", total=len(legacy_half), rate="")
+            for item in legacy_half:
+                item.play(self.legacy)
+                legacy_housekeeping(self.client, self.settings.prefix, item)
+                bar.advance(task)
+        self.say(f"redis_only: the legacy app wrote {len(legacy_half)} sessions "
+                 "(long transcripts trimmed, some with a TTL)")
+
+        self.stage(Stage.DUAL_WRITE, "the app now writes through MigratingStore")
+        traffic = _Traffic(self.router, [g.session_id for g in legacy_half])
+        traffic.start()
+        try:
+            for item in live_half:
+                item.play(self.router)
+            self.say(f"dual_write: {len(live_half)} new sessions written through the router")
+            summary = backfill(self.settings, BackfillOptions(layout=self.settings.layout,
+                                                              prefix=self.settings.prefix))
+            self.say(f"backfill run {summary.run_id}: {summary.migrated} migrated, "
+                     f"{summary.unchanged} unchanged, {summary.quarantined} quarantined, "
+                     f"{summary.messages:,} messages in {summary.seconds:.1f} s")
+            self.stage(Stage.SHADOW, "backfill complete")
+            self.stage(Stage.CUTOVER, "start reading from PostgreSQL, slice by slice")
+            for percent in (10, 50, 100):
+                set_slice(self.conn, "resume", percent, f"resume {percent} %",
+                          who="memshift demo")
+                traffic.sources()
+                time.sleep(0.4)
+                served = traffic.sources()
+                self.say(f"slice resume at {percent} %: reads served by "
+                         + ", ".join(f"{k} {v}" for k, v in sorted(served.items())))
+            self.stage(Stage.PG_PRIMARY, "PostgreSQL is the truth; Redis follows")
+            time.sleep(0.5)
+        finally:
+            traffic.stop()
+        repaired = repair(self.settings, spool_path=self.router.spool_path)
+        self.say(f"traffic: {traffic.writes:,} writes and {traffic.reads:,} reads during the "
+                 f"migration, {traffic.failures} failed; "
+                 f"{repaired.sessions_repaired} session(s) repaired")
+        report = _compare(self.legacy, self.truth, [g.session_id for g in generated])
+        report.update(
+            seconds=round(time.perf_counter() - self.started, 2),
+            stage=str(load_plan(self.conn).stage),
+            traffic={"writes": traffic.writes, "reads": traffic.reads,
+                     "failed": traffic.failures},
+            backfill=summary.as_json(),
+        )
+        return report
+
+
+class _Traffic(threading.Thread):
+    """The live app: keeps resuming, appending and retrying tools through the router."""
+
+    def __init__(self, router: MigratingStore, ids: list[str]) -> None:
+        super().__init__(name="memshift-demo-traffic", daemon=True)
+        self.router = router
+        self.ids = ids
+        self.halt = threading.Event()
+        self.writes = self.reads = self.failures = 0
+        self.served: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def sources(self) -> dict[str, int]:
+        with self.lock:
+            seen, self.served = self.served, {}
+        return seen
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(timeout=10)
+
+    def run(self) -> None:
+        rng = random.Random(1)
+        n = 0
+        while not self.halt.is_set():
+            sid = rng.choice(self.ids)
+            n += 1
+            try:
+                read = self.router.read(sid, read_path="resume")
+                with self.lock:
+                    self.reads += 1
+                    self.served[read.source] = self.served.get(read.source, 0) + 1
+                if read.state is None:
+                    continue  # expired in Redis before the migration: nothing to resume
+                if n % 3:
+                    self.router.append_message(sid, Message(
+                        message_id=f"{sid}-live-{n}", role="user", content=f"still here ({n})"))
+                else:
+                    run = read.state.tool_runs[0] if read.state.tool_runs else ToolRun(
+                        tool_call_id=f"{sid}-live", name="probe")
+                    self.router.upsert_tool_run(sid, run.model_copy(
+                        update={"attempts": run.attempts + 1, "updated_at": now()}))
+                self.writes += 1
+            except MemshiftError:
+                self.failures += 1
+            time.sleep(0.002)
 
 
 def _resume_view(state: SessionState) -> dict[str, Any]:

@@ -92,21 +92,31 @@ def test_generate_writes_the_sessions_it_reports(redis_url: str, redis_prefix: s
         assert all(store.load_session(sid) is not None for sid in ids)
 
 
-def test_demo_on_given_servers_agrees_for_every_session(
+def test_demo_runs_a_staged_migration_under_traffic_and_every_session_agrees(
     pg_dsn: str, redis_url: str, redis_prefix: str
 ) -> None:
     result = memshift(
         "--postgres-dsn", pg_dsn, "--redis-url", redis_url, "--prefix", redis_prefix,
-        "demo", "-n", "15", "--json",
+        "demo", "-n", "16", "--json",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["resume_state_agrees"] == report["sessions"] == 15
+    assert report["resume_state_agrees"] == report["sessions"] == 16
+    assert report["stage"] == "pg_primary"
+    assert report["traffic"]["writes"] > 0 and report["traffic"]["failed"] == 0
+    assert report["backfill"]["state"] == "completed"
     stores = report["stores"]
-    assert stores["postgres"]["messages held"] == (
-        stores["redis"]["messages held"] + stores["redis"]["messages trimmed"]
-    )
     assert stores["postgres"]["summary versions"] >= stores["redis"]["summary versions"]
+    assert stores["postgres"]["checkpoints"] >= stores["redis"]["checkpoints"]
+
+
+def test_the_demo_refuses_to_move_a_plan_that_is_not_its_own(
+    pg_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    common = ["--postgres-dsn", pg_dsn, "--redis-url", redis_url, "--prefix", redis_prefix]
+    memshift(*common, "stage", "set", "dual_write", "--reason", "real migration")
+    result = memshift(*common, "demo", "-n", "4")
+    assert result.returncode == 2 and "scratch database" in result.stderr
 
 
 def test_demo_with_no_servers_given_runs_on_embedded_ones(tmp_path: Path) -> None:

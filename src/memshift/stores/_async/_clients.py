@@ -7,7 +7,8 @@ places where the two clients differ by more than ``async``/``await`` live here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis as AsyncRedis
@@ -17,9 +18,10 @@ from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.commands.core import AsyncScript as ScriptHandle
 
 T = TypeVar("T")
+AsyncLock = asyncio.Lock  # guards one-time setup shared by concurrent callers
 
-__all__ = ["AsyncRedis", "AsyncRedisCluster", "ScriptHandle", "close_client", "queue_command",
-           "run_blocking"]
+__all__ = ["AsyncLock", "AsyncRedis", "AsyncRedisCluster", "ScriptHandle", "close_client",
+           "queue_command", "run_blocking"]
 
 
 async def close_client(client: AsyncRedis | AsyncRedisCluster) -> None:
@@ -34,3 +36,29 @@ def queue_command(pipe: Pipeline | ClusterPipeline, command: tuple[Any, ...]) ->
 async def run_blocking(function: Callable[..., T], *args: Any) -> T:
     """Run a blocking call (a file write and fsync) off the event loop."""
     return await asyncio.to_thread(function, *args)
+
+
+class Periodic:
+    """Await ``job()`` every ``interval`` seconds in a task of the running loop.
+
+    ``job`` must not raise (it logs its own errors). ``stop()`` waits for a run under
+    way to finish, so nothing is left running after it returns.
+    """
+
+    def __init__(self, name: str, interval: float, job: Callable[[], Awaitable[None]]) -> None:
+        self._interval = interval
+        self._job = job
+        self._stopping = asyncio.Event()
+        # Raises RuntimeError outside a running loop: the caller says what to do.
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._interval)
+                return
+            await self._job()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await self._task

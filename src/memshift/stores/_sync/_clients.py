@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -11,8 +13,9 @@ from redis.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import Script as ScriptHandle
 
 T = TypeVar("T")
+Lock = threading.Lock  # guards one-time setup shared by concurrent callers
 
-__all__ = ["Redis", "RedisCluster", "ScriptHandle", "close_client", "queue_command",
+__all__ = ["Lock", "Redis", "RedisCluster", "ScriptHandle", "close_client", "queue_command",
            "run_blocking"]
 
 
@@ -28,3 +31,27 @@ def queue_command(pipe: Pipeline | ClusterPipeline, command: tuple[Any, ...]) ->
 def run_blocking(function: Callable[..., T], *args: Any) -> T:
     """Run a blocking call (the async twin runs it in a thread)."""
     return function(*args)
+
+
+class Periodic:
+    """Call ``job()`` every ``interval`` seconds in a daemon thread (the async twin: a task).
+
+    ``job`` must not raise (it logs its own errors). ``stop()`` waits for a run under
+    way to finish, so nothing is left running after it returns.
+    """
+
+    def __init__(self, name: str, interval: float, job: Callable[[], None]) -> None:
+        self._interval = interval
+        self._job = job
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self._interval):
+            self._job()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()

@@ -48,6 +48,8 @@ from memshift.sql.migrations import latest_version
 from memshift.sql.queries import query
 from memshift.stores.base import Outcome
 
+from ._clients import Lock
+
 Row = tuple[Any, ...]
 _PARTS: tuple[type[Record], ...] = (Message, ToolRun, MemorySummary, Checkpoint, Event)
 _NO_SESSION = Session(session_id="-")  # replaced before a state is returned
@@ -91,6 +93,12 @@ class PostgresStore:
             self._owns_pool = False
         self._check_schema = check_schema
         self._ready = False
+        self._opening = Lock()
+
+    @property
+    def dsn(self) -> str:
+        """The DSN it connects with (secrets included: never show it unredacted)."""
+        return self._dsn
 
     def __enter__(self) -> PostgresStore:
         self.open()
@@ -111,20 +119,24 @@ class PostgresStore:
         """Open the pool and check that the schema is current (done on first use too)."""
         if self._ready:
             return
-        if self._owns_pool:
-            try:
-                self._pool.open(wait=True, timeout=min(15.0, self._pool.timeout))
-            except (psycopg.Error, PoolTimeout) as exc:
-                raise self._unavailable(exc) from None
-        if self._check_schema:
-            row = self._fetchone("schema_version", {})
-            have = int(row[0]) if row else 0
-            if have < latest_version():
-                raise SchemaError(
-                    f"the PostgreSQL schema is at version {have} but this memshift needs "
-                    f"{latest_version()}; run `memshift db upgrade` first"
-                )
-        self._ready = True
+        # Threads (or tasks) sharing the store may all arrive here on first use.
+        with self._opening:
+            if self._ready:
+                return
+            if self._owns_pool:
+                try:
+                    self._pool.open(wait=True, timeout=min(15.0, self._pool.timeout))
+                except (psycopg.Error, PoolTimeout) as exc:
+                    raise self._unavailable(exc) from None
+            if self._check_schema:
+                row = self._fetchone("schema_version", {})
+                have = int(row[0]) if row else 0
+                if have < latest_version():
+                    raise SchemaError(
+                        f"the PostgreSQL schema is at version {have} but this memshift "
+                        f"needs {latest_version()}; run `memshift db upgrade` first"
+                    )
+            self._ready = True
 
     def close(self) -> None:
         if self._owns_pool:
