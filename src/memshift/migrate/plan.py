@@ -27,6 +27,7 @@ from datetime import datetime
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -37,6 +38,7 @@ from memshift.sql.queries import query
 
 StoreName = Literal["redis", "postgres"]
 CHANNEL = "memshift_plan"  # NOTIFY channel the Plan's version is announced on
+_LISTEN = sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL))
 
 
 class Stage(enum.StrEnum):
@@ -514,7 +516,7 @@ class PlanWatcher(_Freshness):
 
     def _connect(self) -> psycopg.Connection[Any]:
         conn = psycopg.connect(self._dsn, **_CONNECT_OPTIONS)
-        conn.execute(f"LISTEN {CHANNEL}")
+        conn.execute(_LISTEN)
         return conn
 
     def _drop(self) -> None:
@@ -588,7 +590,7 @@ class AsyncPlanWatcher(_Freshness):
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         conn = await psycopg.AsyncConnection.connect(self._dsn, **_CONNECT_OPTIONS)
-        await conn.execute(f"LISTEN {CHANNEL}")
+        await conn.execute(_LISTEN)
         return conn
 
     async def _load(self) -> Plan:
