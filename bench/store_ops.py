@@ -153,6 +153,9 @@ INPUTS: dict[str, Callable[[int], dict[str, Any]]] = {
 }
 
 
+NO_METADATA = Jsonb({})  # records without metadata, as memshift sends them
+
+
 def content_hash(run: dict[str, Any]) -> str:
     body = json.dumps(
         [run["name"], run["args"], run["status"], run["last_error"]],
@@ -310,7 +313,8 @@ class PostgresCases:
         statement = query("append_message_assign")
 
         def op(i: int) -> object:
-            params = {**message_input(i), "session_id": sid, "tool_call_id": None}
+            params = {**message_input(i), "session_id": sid, "tool_call_id": None,
+                      "metadata": NO_METADATA}
             return self._execute(statement, params)
 
         return op
@@ -339,6 +343,7 @@ class PostgresCases:
                 "session_id": sid,
                 "args": Jsonb(run["args"]),
                 "content_hash": content_hash(run),
+                "metadata": NO_METADATA,
             }
             return self._execute(statement, params)
 
@@ -359,7 +364,9 @@ class PostgresCases:
 
     def by_hand_put_summary(self, sid: str) -> Op:
         statement = query("put_summary")
-        return lambda i: self._execute(statement, {**summary_input(i), "session_id": sid})
+        return lambda i: self._execute(
+            statement, {**summary_input(i), "session_id": sid, "metadata": NO_METADATA}
+        )
 
     def naive_put_summary(self, sid: str) -> Op:
         statement = NAIVE_PG["put_summary"]
@@ -377,7 +384,8 @@ class PostgresCases:
     def _checkpoint_op(self, sid: str, statement: str | bytes) -> Op:
         def op(i: int) -> object:
             checkpoint = checkpoint_input(i)
-            params = {**checkpoint, "session_id": sid, "state": Jsonb(checkpoint["state"])}
+            params = {**checkpoint, "session_id": sid, "state": Jsonb(checkpoint["state"]),
+                      "metadata": NO_METADATA}
             return self._execute(statement, params)
 
         return op

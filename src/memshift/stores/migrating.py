@@ -2,6 +2,7 @@
 
 from memshift.stores._async.migrating import AsyncMigratingStore
 from memshift.stores._sync.migrating import MigratingStore
-from memshift.stores.routing import ReadReason, ReadResult, RouterStats
+from memshift.stores.routing import ReadReason, ReadResult, ReadSource, RouterStats
 
-__all__ = ["AsyncMigratingStore", "MigratingStore", "ReadReason", "ReadResult", "RouterStats"]
+__all__ = ["AsyncMigratingStore", "MigratingStore", "ReadReason", "ReadResult", "ReadSource",
+           "RouterStats"]

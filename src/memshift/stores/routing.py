@@ -6,7 +6,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from memshift.migrate.plan import StoreName
 from memshift.model import SessionState
 
 # Why a read went where it did:
@@ -16,12 +15,15 @@ from memshift.model import SessionState
 #   repair_pending         the chosen store missed writes still queued for repair
 #   secondary_unavailable  the chosen store (not the primary) could not be reached
 ReadReason = Literal["stage", "slice", "stale_plan", "repair_pending", "secondary_unavailable"]
+# What served a read: a store, or (in the retired stage) the cache in Redis in front of
+# PostgreSQL.
+ReadSource = Literal["redis", "postgres", "cache"]
 
 
 @dataclass(frozen=True)
 class ReadResult:
     state: SessionState | None
-    source: StoreName
+    source: ReadSource
     reason: ReadReason
 
 
@@ -35,6 +37,11 @@ class RouterStats:
     repairs_enqueued: int = 0
     spool_writes: int = 0
     stale_plan_reads: int = 0
+    # The retired stage's cache: hit, miss, fill, fill_refused (a write came between),
+    # bypassed (its invalidation failed), unavailable, invalidation_failed.
+    cache: Counter[str] = field(default_factory=Counter)
+    # The background repair: runs, sessions repaired, runs that failed.
+    background_repair: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,4 +50,6 @@ class RouterStats:
             "repairs_enqueued": self.repairs_enqueued,
             "spool_writes": self.spool_writes,
             "stale_plan_reads": self.stale_plan_reads,
+            "cache": dict(self.cache),
+            "background_repair": dict(self.background_repair),
         }

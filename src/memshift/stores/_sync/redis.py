@@ -123,6 +123,10 @@ class RedisStore:
         chosen = get_layout(layout, prefix) if isinstance(layout, str) else layout
         self._layout: Layout = chosen
         self._ttl_ms = 0 if ttl_seconds is None else ttl_seconds * 1000
+        self.ttl_seconds = ttl_seconds
+        # The URL it was opened with (None when given a client), for jobs that open
+        # their own connections (the router's background repair).
+        self.url = client_or_url if isinstance(client_or_url, str) else None
         self._client: Redis | RedisCluster
         if isinstance(client_or_url, str):
             self._client = _open(client_or_url)
