@@ -564,6 +564,14 @@ ON CONFLICT (spool_id) DO NOTHING
 SELECT EXISTS (SELECT 1 FROM memshift.repair_queue
                 WHERE session_id = %(session_id)s AND target = %(target)s)
 
+-- name: load_session_unless_repair
+-- A router's read of PostgreSQL as the secondary: the session, and whether repairs
+-- are pending for it here (then the caller reads the primary instead), in one trip.
+SELECT l.*,
+       EXISTS (SELECT 1 FROM memshift.repair_queue
+                WHERE session_id = %(session_id)s AND target = 'postgres')
+  FROM ({{load_session}}) AS l
+
 -- name: repair_targets
 -- The stores that some repair is pending for.
 SELECT DISTINCT target FROM memshift.repair_queue

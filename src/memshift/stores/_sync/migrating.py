@@ -173,6 +173,19 @@ class MigratingStore:
         if not fresh and plan.stage.order < Stage.PG_PRIMARY.order:
             source, reason = "redis", "stale_plan"
             self.stats.stale_plan_reads += 1
+        elif source == "postgres" != primary and (sid, source) not in self._spooled:
+            # A cutover slice: read and ask about pending repairs in one round trip.
+            try:
+                state, pending = self._postgres.load_session_unless_repair(sid)
+            except StoreUnavailable:
+                state, pending = None, True
+                reason = "secondary_unavailable"
+            if not pending:
+                self.stats.reads[(source, read_path, reason)] += 1
+                return ReadResult(state, source, reason)
+            source = primary
+            if reason != "secondary_unavailable":
+                reason = "repair_pending"
         elif self._repairs_pending(sid, source, primary):
             source, reason = _other(source), "repair_pending"
         elif plan.stage is Stage.RETIRED:

@@ -173,28 +173,20 @@ class PostgresStore:
         sid = check_session_id(session_id)
         row = self._fetchone("load_session", {"session_id": sid})
         assert row is not None  # a SELECT of scalar subqueries always yields one row
-        session, *parts = row
-        if session is None and all(part == "[]" for part in parts):
-            return None
-        # Rows read back from PostgreSQL were validated when written and cannot hold
-        # what the Python-side checks refuse: validate them as trusted, in Rust.
-        messages, tools, summaries, checkpoints, events = (
-            parse_json_list(cls, part, session_id=sid, where="postgres", trusted=True)
-            for cls, part in zip(_PARTS, parts, strict=True)
-        )
-        state = SessionState.model_construct(
-            session=_NO_SESSION,
-            messages=messages,
-            tool_runs=tools,
-            summaries=summaries,
-            checkpoints=checkpoints,
-            events=events,
-        )
-        if session is None:
-            record = placeholder_session(sid, state.timestamps())
-        else:
-            record = parse(Session, session, session_id=sid, where="postgres", trusted=True)
-        return state.model_copy(update={"session": record})
+        return _state(sid, row)
+
+    def load_session_unless_repair(
+        self, session_id: str
+    ) -> tuple[SessionState | None, bool]:
+        """The session, and whether repairs for it are queued here (one round trip).
+
+        For a router reading PostgreSQL as the secondary: when repairs are pending the
+        state may lack acknowledged writes, and the caller reads the primary instead.
+        """
+        sid = check_session_id(session_id)
+        row = self._fetchone("load_session_unless_repair", {"session_id": sid})
+        assert row is not None
+        return _state(sid, row[:-1]), bool(row[-1])
 
     def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]:
         """Every session id, in id order, fetched in batches (keyset pagination)."""
@@ -384,6 +376,31 @@ def _utc_session(conn: Connection[Any]) -> None:
     # Timestamps come back as JSON text in the session's time zone: make it UTC, so
     # records read back are in UTC like those written.
     conn.execute("SET TimeZone TO 'UTC'")
+
+
+def _state(sid: str, row: Row) -> SessionState | None:
+    session, *parts = row
+    if session is None and all(part == "[]" for part in parts):
+        return None
+    # Rows read back from PostgreSQL were validated when written and cannot hold
+    # what the Python-side checks refuse: validate them as trusted, in Rust.
+    messages, tools, summaries, checkpoints, events = (
+        parse_json_list(cls, part, session_id=sid, where="postgres", trusted=True)
+        for cls, part in zip(_PARTS, parts, strict=True)
+    )
+    state = SessionState.model_construct(
+        session=_NO_SESSION,
+        messages=messages,
+        tool_runs=tools,
+        summaries=summaries,
+        checkpoints=checkpoints,
+        events=events,
+    )
+    if session is None:
+        record = placeholder_session(sid, state.timestamps())
+    else:
+        record = parse(Session, session, session_id=sid, where="postgres", trusted=True)
+    return state.model_copy(update={"session": record})
 
 
 def _message(row: Row) -> Message:
