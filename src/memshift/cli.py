@@ -569,6 +569,91 @@ def repair_cmd(
         raise typer.Exit(1)
 
 
+@app.command("parity")
+def parity_cmd(
+    ctx: typer.Context,
+    session: Annotated[
+        list[str] | None,
+        typer.Option("--session", help="Check this session (repeat for several).",
+                     show_default=False),
+    ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option("--sample", min=1, help="Check a random sample of this many sessions.",
+                     show_default=False),
+    ] = None,
+    check_all: Annotated[
+        bool, typer.Option("--all", help="Check every session of both stores.")
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=10_000, help="Sessions per batch.")
+    ] = 200,
+    show_values: Annotated[
+        bool,
+        typer.Option("--show-values", help="Show differing values in full (by default: "
+                                           "length and hash, so transcripts do not leak)."),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON report per line (for scripts).")
+    ] = False,
+) -> None:
+    """Compare sessions in Redis and PostgreSQL and record the results.
+
+    One report per session: the checks of DESIGN §5, PostgreSQL's invariants, and
+    status pass, fail, pending (written during the check: check again later) or
+    error (a store could not read it). Exit 1 when any session fails or errors.
+    """
+    from memshift.migrate.parity import ParityOptions, ParityTotals, parity
+
+    chosen = sum((bool(session), sample is not None, check_all))
+    if chosen != 1:
+        raise ConfigError("choose what to check: --session ID (repeatable), --sample N or --all")
+    totals = ParityTotals()
+    shown: list[Any] = []
+    limit = 200
+    reports = parity(settings_of(ctx), session_ids=session or None, sample=sample,
+                     options=ParityOptions(batch_size=batch_size))
+    for report in reports:
+        totals.add(report)
+        if as_json:
+            emit_json(report.as_json(show_values=show_values))
+        elif (session or report.parity_status != "pass") and len(shown) < limit:
+            shown.append(report)
+    if not as_json:
+        _show_parity(shown, totals, show_values, limit)
+    if totals.counts["fail"] or totals.counts["error"]:
+        raise typer.Exit(1)
+
+
+def _show_parity(reports: list[Any], totals: Any, show_values: bool, limit: int) -> None:
+    colours = {"pass": "green", "fail": "red", "pending": "yellow", "error": "red"}
+    if reports:
+        table = Table("session", "status", "failed checks", "diffs", "checked at",
+                      title="parity")
+        for report in reports:
+            data = report.as_json(show_values=show_values)
+            diffs = "\n".join(
+                f"{d['check']} {d['field']}: redis={json.dumps(d['redis'], ensure_ascii=False)}"
+                f" postgres={json.dumps(d['postgres'], ensure_ascii=False)}"
+                for d in data["diffs"]
+            )
+            colour = colours[report.parity_status]
+            table.add_row(escape(report.session_id), f"[{colour}]{report.parity_status}[/]",
+                          ", ".join(report.failed_checks) or "—", escape(diffs) or "—",
+                          data["checked_at"])
+        out.print(table)
+    not_pass = totals.checked - totals.counts["pass"]
+    if not_pass > len(reports) and not_pass > limit:
+        out.print(f"[dim]showing the first {limit} sessions that did not pass; "
+                  "--json prints every report[/]")
+    counts = totals.counts
+    out.print(f"{totals.checked:,} session(s) checked: {counts['pass']:,} pass, "
+              f"{counts['fail']:,} fail, {counts['pending']:,} pending, "
+              f"{counts['error']:,} error; drift rate {totals.drift_rate:.2%}")
+    if counts["pending"]:
+        out.print("[yellow]pending sessions were written during the check: run it again[/]")
+
+
 def main() -> None:
     """Entry point: usage errors are typer's; memshift errors become a message and code."""
     try:

@@ -27,6 +27,7 @@ from memshift.config import Settings
 from memshift.errors import ConfigError, MemshiftError
 from memshift.generate import GeneratedSession, generate_sessions
 from memshift.migrate.backfill import BackfillOptions, backfill
+from memshift.migrate.parity import ParityTotals, parity
 from memshift.migrate.plan import PlanWatcher, Stage, load_plan, set_slice, set_stage
 from memshift.migrate.repair import repair
 from memshift.model import Message, SessionState, ToolRun, now
@@ -187,6 +188,7 @@ class _Demo:
                      f"{summary.unchanged} unchanged, {summary.quarantined} quarantined, "
                      f"{summary.messages:,} messages in {summary.seconds:.1f} s")
             self.stage(Stage.SHADOW, "backfill complete")
+            checked = self.parity()
             self.stage(Stage.CUTOVER, "start reading from PostgreSQL, slice by slice")
             for percent in (10, 50, 100):
                 set_slice(self.conn, "resume", percent, f"resume {percent} %",
@@ -211,8 +213,20 @@ class _Demo:
             traffic={"writes": traffic.writes, "reads": traffic.reads,
                      "failed": traffic.failures},
             backfill=summary.as_json(),
+            parity=checked.as_json(),
         )
         return report
+
+    def parity(self) -> ParityTotals:
+        """`memshift parity --all` while traffic flows: the gate to cutover reads it."""
+        totals = ParityTotals()
+        for report in parity(self.settings):
+            totals.add(report)
+        counts = totals.counts
+        self.say(f"parity of {totals.checked} sessions under live traffic: {counts['pass']} "
+                 f"pass, {counts['fail']} fail, {counts['pending']} pending (written during "
+                 f"the check), {counts['error']} error; drift rate {totals.drift_rate:.2%}")
+        return totals
 
 
 class _Traffic(threading.Thread):

@@ -39,6 +39,13 @@ def complete_a_backfill(conn: psycopg.Connection[Any]) -> None:
     )
 
 
+def pass_parity(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(
+        "INSERT INTO memshift.parity_results (session_id, status, checks, diffs, checked_at) "
+        "VALUES ('s1', 'pass', '{}', '[]', now())"
+    )
+
+
 def test_a_new_plan_starts_redis_only_and_routes_everything_to_redis(
     conn: psycopg.Connection[Any],
 ) -> None:
@@ -82,6 +89,7 @@ def test_force_passes_a_failing_gate_and_the_audit_says_so(
 
 def test_moving_back_is_allowed_at_once(conn: psycopg.Connection[Any]) -> None:
     complete_a_backfill(conn)
+    pass_parity(conn)
     for stage in ("dual_write", "shadow", "cutover", "pg_primary"):
         set_stage(conn, stage, "forward")
     assert set_stage(conn, "dual_write", "back at once").stage is Stage.DUAL_WRITE
@@ -91,6 +99,7 @@ def test_reads_cannot_go_back_to_redis_after_retirement_without_force(
     conn: psycopg.Connection[Any],
 ) -> None:
     complete_a_backfill(conn)
+    pass_parity(conn)
     for stage in ("dual_write", "shadow", "cutover", "pg_primary", "retired"):
         set_stage(conn, stage, "forward")
     with pytest.raises(IllegalMove, match="no writes"):
@@ -110,6 +119,7 @@ def test_slices_route_reads_by_cohort_and_tenant_only_in_cutover(
     conn: psycopg.Connection[Any],
 ) -> None:
     complete_a_backfill(conn)
+    pass_parity(conn)
     for stage in ("dual_write", "shadow"):
         set_stage(conn, stage, "forward")
     set_slice(conn, "resume", 100, "all of resume", tenant_deny=("vip",))
@@ -127,6 +137,7 @@ def test_slices_route_reads_by_cohort_and_tenant_only_in_cutover(
 
 def test_a_full_rollback_sends_every_read_back_to_redis(conn: psycopg.Connection[Any]) -> None:
     complete_a_backfill(conn)
+    pass_parity(conn)
     for stage in ("dual_write", "shadow", "cutover", "pg_primary"):
         set_stage(conn, stage, "forward")
     set_slice(conn, "resume", 50, "half")

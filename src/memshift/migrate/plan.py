@@ -182,14 +182,36 @@ def _repair_queue_empty(conn: psycopg.Connection[Any]) -> Gate:
                 "run `memshift repair` until the queue is empty")
 
 
+# The parity gate: the pass rate of the latest judged parity results must reach this.
+PARITY_WINDOW = 500
+PARITY_MIN_PASS_RATE = 99.5  # percent
+
+
+def _parity_pass_rate(conn: psycopg.Connection[Any]) -> Gate:
+    name = f"parity pass rate over the last {PARITY_WINDOW} checks"
+    how = ("run `memshift parity --all`, fix what fails (see its diffs) and run it again "
+           f"until at least {PARITY_MIN_PASS_RATE:g} % pass")
+    exists = conn.execute("SELECT to_regclass('memshift.parity_results')").fetchone()
+    if not exists or exists[0] is None:
+        return Gate(name, False, "no parity results table yet", "run `memshift db upgrade`")
+    row = conn.execute(query("gate_parity"), {"window": PARITY_WINDOW}).fetchone()
+    judged, passed = row if row else (0, 0)
+    if not judged:
+        return Gate(name, False, "no parity results yet", how)
+    rate = 100.0 * passed / judged
+    detail = f"{rate:.2f} % of the last {judged} judged checks passed"
+    return Gate(name, rate >= PARITY_MIN_PASS_RATE,
+                detail + f" (need {PARITY_MIN_PASS_RATE:g} %)", how)
+
+
 GateCheck = Callable[[psycopg.Connection[Any]], Gate]
 
 # The gates a forward move into each stage must pass.
 GATES: dict[Stage, tuple[GateCheck, ...]] = {
     Stage.DUAL_WRITE: (),
     Stage.SHADOW: (_backfill_complete,),
-    Stage.CUTOVER: (_backfill_complete, _repair_queue_empty),
-    Stage.PG_PRIMARY: (_backfill_complete, _repair_queue_empty),
+    Stage.CUTOVER: (_backfill_complete, _repair_queue_empty, _parity_pass_rate),
+    Stage.PG_PRIMARY: (_backfill_complete, _repair_queue_empty, _parity_pass_rate),
     Stage.RETIRED: (_repair_queue_empty,),
 }
 

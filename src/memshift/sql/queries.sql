@@ -601,3 +601,28 @@ UPDATE memshift.repair_queue
 -- name: repair_counts
 SELECT target, count(*), count(DISTINCT session_id), min(enqueued_at)
   FROM memshift.repair_queue GROUP BY target ORDER BY target
+
+-- ---------------------------------------------------------------------------------
+-- Parity.
+
+-- name: parity_record
+-- One batch of reports in one statement (arrays of equal length, one element each).
+INSERT INTO memshift.parity_results (session_id, status, checks, diffs, checked_at)
+SELECT * FROM unnest(%(session_ids)s::text[], %(statuses)s::text[], %(checks)s::jsonb[],
+                     %(diffs)s::jsonb[], %(checked_at)s::timestamptz[])
+
+-- name: parity_sample
+-- A random sample of the sessions PostgreSQL holds.
+SELECT session_id FROM memshift.sessions ORDER BY random() LIMIT %(limit)s
+
+-- name: parity_known
+-- Which of these ids PostgreSQL holds (to skip, in Redis's pass, ids checked already).
+SELECT session_id FROM memshift.sessions WHERE session_id = ANY(%(ids)s)
+
+-- name: gate_parity
+-- The latest judged results (pending ones are not judged yet): how many, how many passed.
+SELECT count(*), count(*) FILTER (WHERE status = 'pass')
+  FROM (SELECT status FROM memshift.parity_results
+         WHERE status <> 'pending'
+         ORDER BY checked_at DESC, id DESC
+         LIMIT %(window)s) AS latest

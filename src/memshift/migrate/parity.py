@@ -1,0 +1,526 @@
+"""Parity: does PostgreSQL hold what Redis holds of each session, and is it sound?
+
+``check_session`` compares one session as both stores hold it (pure, no I/O) and
+returns a :class:`ParityReport` in the shape of DESIGN §5. ``parity`` reads sessions
+in batches (one Redis pipeline per batch), judges them, re-reads the failing ones
+once after a short settle delay (a session written during the check is ``pending``,
+never a false ``fail``), and records every report in ``memshift.parity_results`` with
+one INSERT per batch.
+
+Only what Redis can hold is compared: its untrimmed tail of messages, its tool runs,
+its latest summary and its latest checkpoint. PostgreSQL's own soundness (the
+invariants of DESIGN §2) is checked beside it as ``pg_invariants_hold``.
+
+Check values: ``true`` the stores agree, ``false`` they differ, ``null`` the check
+could not run (the session is missing from a store, or a store could not read it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
+from typing import Any, Literal
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from memshift.config import Settings
+from memshift.errors import ConfigError, MemshiftError
+from memshift.migrate.backfill import connect
+from memshift.model import LEGAL_TRANSITIONS, SessionState, now
+from memshift.sql.queries import query
+from memshift.stores.postgres import PostgresStore
+from memshift.stores.redis import RawSession, RedisStore
+
+ParityStatus = Literal["pass", "fail", "pending", "error"]
+
+# The checks of DESIGN §5, in report order, then those memshift adds.
+SEED_CHECKS = (
+    "message_count_matches",
+    "latest_checkpoint_matches",
+    "tool_retry_state_matches",
+    "memory_summary_version_matches",
+    "session_status_matches",
+    "message_order_matches",
+)
+PRESENCE = "presence_matches"
+INVARIANTS = "pg_invariants_hold"
+READABLE = "stores_readable"
+
+# Redis drops a session at its TTL; PostgreSQL recorded that expiry from the PTTL it
+# read, so the two clocks may disagree by a little.
+EXPIRY_SLACK = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class Diff:
+    """One difference: which check saw it, in which field, and what each store holds.
+
+    ``sensitive`` values (message content, summary text, checkpoint state, tool
+    arguments and errors) are shown as length and hash unless values are asked for.
+    """
+
+    check: str
+    field: str
+    redis: Any
+    postgres: Any
+    sensitive: bool = False
+
+    def as_json(self, *, show_values: bool = False) -> dict[str, Any]:
+        def shown(value: Any) -> Any:
+            if show_values or not self.sensitive or value is None:
+                return value
+            return fingerprint(value)
+
+        return {
+            "check": self.check,
+            "field": self.field,
+            "redis": shown(self.redis),
+            "postgres": shown(self.postgres),
+        }
+
+
+def fingerprint(value: Any) -> dict[str, Any]:
+    """A value as its length and a short hash: enough to tell two apart, not to read."""
+    text = value if isinstance(value, str) else _canonical(value)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    return {"length": len(text), "sha256": digest}
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+@dataclass(frozen=True)
+class ParityReport:
+    session_id: str
+    checks: dict[str, bool | None]
+    parity_status: ParityStatus
+    diffs: tuple[Diff, ...]
+    checked_at: datetime
+
+    def as_json(self, *, show_values: bool = False) -> dict[str, Any]:
+        """The report in the exact shape of DESIGN §5; values redacted by default."""
+        return {
+            "session_id": self.session_id,
+            "checks": dict(self.checks),
+            "parity_status": self.parity_status,
+            "diffs": [d.as_json(show_values=show_values) for d in self.diffs],
+            "checked_at": iso_z(self.checked_at),
+        }
+
+    @property
+    def failed_checks(self) -> list[str]:
+        return [name for name, ok in self.checks.items() if ok is False]
+
+
+def iso_z(at: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z``, to the second, as in DESIGN §5."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- the comparison (pure) -------------------------------------------------------------
+
+
+def check_session(
+    redis_state: SessionState | None, pg_state: SessionState | None, *, checked_at: datetime
+) -> ParityReport:
+    """Compare one session as Redis and PostgreSQL hold it; no I/O.
+
+    A session that Redis no longer holds but PostgreSQL does is not drift when
+    PostgreSQL recorded an expiry that has passed (or its status is ``expired``): the
+    report passes, with ``presence_matches`` true and one diff saying so.
+    """
+    either = redis_state or pg_state
+    sid = either.session_id if either is not None else "?"
+    unchecked: dict[str, bool | None] = dict.fromkeys(SEED_CHECKS)
+    if redis_state is None or pg_state is None:
+        return _one_side(sid, redis_state, pg_state, unchecked, checked_at)
+    diffs: list[Diff] = []
+    diffs += _message_count(redis_state, pg_state)
+    diffs += _latest_checkpoint(redis_state, pg_state)
+    diffs += _tool_retry_state(redis_state, pg_state)
+    diffs += _summary_version(redis_state, pg_state)
+    diffs += _session_status(redis_state, pg_state)
+    diffs += _message_order(redis_state, pg_state)
+    diffs += invariant_diffs(pg_state)
+    failed = {d.check for d in diffs}
+    checks: dict[str, bool | None] = {name: name not in failed for name in SEED_CHECKS}
+    checks[PRESENCE] = True
+    checks[INVARIANTS] = INVARIANTS not in failed
+    return ParityReport(sid, checks, "fail" if diffs else "pass", tuple(diffs), checked_at)
+
+
+def _one_side(
+    sid: str, redis_state: SessionState | None, pg_state: SessionState | None,
+    checks: dict[str, bool | None], checked_at: datetime,
+) -> ParityReport:
+    if redis_state is None and pg_state is None:
+        return error_report(sid, "neither Redis nor PostgreSQL holds this session", checked_at)
+    if pg_state is None:
+        assert redis_state is not None
+        diff = Diff(PRESENCE, "session", "present", "absent (not migrated yet?)")
+        checks |= {PRESENCE: False, INVARIANTS: None}
+        return ParityReport(sid, checks, "fail", (diff,), checked_at)
+    session = pg_state.session
+    expired = session.status == "expired" or (
+        session.expires_at is not None and session.expires_at <= checked_at + EXPIRY_SLACK
+    )
+    invariants = invariant_diffs(pg_state)
+    checks |= {PRESENCE: expired, INVARIANTS: not invariants}
+    expiry = "none recorded" if session.expires_at is None else iso_z(session.expires_at)
+    if expired:
+        presence = Diff(PRESENCE, "session", "absent (expired: not drift)",
+                        f"present, status {session.status}, expires_at {expiry}")
+    else:
+        presence = Diff(PRESENCE, "session", "absent",
+                        f"present, status {session.status}, expires_at {expiry}")
+    status: ParityStatus = "pass" if expired and not invariants else "fail"
+    return ParityReport(sid, checks, status, (presence, *invariants), checked_at)
+
+
+def error_report(sid: str, reason: str, checked_at: datetime, store: str = "") -> ParityReport:
+    """A session that a store could not read: nothing compared, the reason in a diff."""
+    checks: dict[str, bool | None] = dict.fromkeys((*SEED_CHECKS, PRESENCE, INVARIANTS))
+    checks[READABLE] = False
+    diff = Diff(READABLE, store or "session",
+                reason if store in ("redis", "") else None,
+                reason if store == "postgres" else None)
+    return ParityReport(sid, checks, "error", (diff,), checked_at)
+
+
+def _message_count(redis_state: SessionState, pg_state: SessionState) -> list[Diff]:
+    ours, theirs = redis_state.message_count, pg_state.message_count
+    if ours == theirs:
+        return []
+    return [Diff("message_count_matches", "message_count", ours, theirs)]
+
+
+def _latest_checkpoint(redis_state: SessionState, pg_state: SessionState) -> list[Diff]:
+    ours, theirs = redis_state.latest_checkpoint, pg_state.latest_checkpoint
+    name = "latest_checkpoint_matches"
+    if ours is None or theirs is None:
+        if ours is theirs:
+            return []
+        return [Diff(name, "checkpoint",
+                     ours.checkpoint_id if ours else None,
+                     theirs.checkpoint_id if theirs else None)]
+    diffs = [
+        Diff(name, f"checkpoint.{attr}", getattr(ours, attr), getattr(theirs, attr))
+        for attr in ("checkpoint_id", "step", "parent_id")
+        if getattr(ours, attr) != getattr(theirs, attr)
+    ]
+    if ours.state != theirs.state:
+        diffs.append(Diff(name, "checkpoint.state", ours.state, theirs.state, sensitive=True))
+    return diffs
+
+
+def _tool_retry_state(redis_state: SessionState, pg_state: SessionState) -> list[Diff]:
+    name = "tool_retry_state_matches"
+    ours = {t.tool_call_id: t for t in redis_state.tool_runs}
+    theirs = {t.tool_call_id: t for t in pg_state.tool_runs}
+    diffs: list[Diff] = []
+    for call_id in sorted(ours.keys() | theirs.keys()):
+        mine, other = ours.get(call_id), theirs.get(call_id)
+        where = f"tool_runs[{call_id}]"
+        if mine is None or other is None:
+            diffs.append(Diff(name, where, "present" if mine else "absent",
+                              "present" if other else "absent"))
+            continue
+        for attr in ("status", "attempts"):
+            if getattr(mine, attr) != getattr(other, attr):
+                diffs.append(Diff(name, f"{where}.{attr}", getattr(mine, attr),
+                                  getattr(other, attr)))
+        if mine.last_error != other.last_error:
+            diffs.append(Diff(name, f"{where}.last_error", mine.last_error, other.last_error,
+                              sensitive=True))
+    return diffs
+
+
+def _summary_version(redis_state: SessionState, pg_state: SessionState) -> list[Diff]:
+    name = "memory_summary_version_matches"
+    ours, theirs = redis_state.latest_summary, pg_state.latest_summary
+    if ours is None or theirs is None:
+        if ours is theirs:
+            return []
+        return [Diff(name, "summary.version", ours.version if ours else None,
+                     theirs.version if theirs else None)]
+    if ours.version != theirs.version:
+        return [Diff(name, "summary.version", ours.version, theirs.version)]
+    if ours.text != theirs.text:
+        return [Diff(name, "summary.text", ours.text, theirs.text, sensitive=True)]
+    return []
+
+
+def _session_status(redis_state: SessionState, pg_state: SessionState) -> list[Diff]:
+    ours, theirs = redis_state.session.status, pg_state.session.status
+    return [] if ours == theirs else [Diff("session_status_matches", "status", ours, theirs)]
+
+
+def _message_order(redis_state: SessionState, pg_state: SessionState) -> list[Diff]:
+    """Every seq that both stores hold holds the same message (missing ones are counts)."""
+    name = "message_order_matches"
+    theirs = {m.seq: m for m in pg_state.messages}
+    diffs: list[Diff] = []
+    for mine in redis_state.messages:
+        other = theirs.get(mine.seq)
+        if other is None or mine.same_content(other):
+            continue
+        where = f"messages[seq={mine.seq}]"
+        for attr in ("message_id", "role", "tool_call_id"):
+            if getattr(mine, attr) != getattr(other, attr):
+                diffs.append(Diff(name, f"{where}.{attr}", getattr(mine, attr),
+                                  getattr(other, attr)))
+        if mine.content != other.content:
+            diffs.append(Diff(name, f"{where}.content", mine.content, other.content,
+                              sensitive=True))
+    return diffs
+
+
+def invariant_diffs(state: SessionState) -> list[Diff]:
+    """What breaks DESIGN §2's rules in PostgreSQL's copy, one diff per fault.
+
+    No seq gaps (beyond the trimmed messages, which PostgreSQL never received), only
+    legal status transitions in the events, summary versions that grow with time, and
+    a checkpoint chain without cycles in which a child's step is above its parent's
+    (so the latest checkpoint has the highest step).
+    """
+    found: list[Diff] = []
+
+    def fault(what: str, detail: str) -> None:
+        found.append(Diff(INVARIANTS, what, None, detail))
+
+    seqs = [m.seq for m in state.messages if m.seq is not None]
+    if seqs and seqs[0] > state.session.messages_trimmed:
+        fault("messages.seq", f"seqs {state.session.messages_trimmed}..{seqs[0] - 1} are "
+              f"missing (messages_trimmed {state.session.messages_trimmed})")
+    for before, after in pairwise(seqs):
+        if after != before + 1:
+            fault("messages.seq", f"seq {after} follows seq {before}")
+    for event in state.events:
+        if event.type != "status" or event.from_status is None or event.to_status is None:
+            continue
+        if event.to_status not in LEGAL_TRANSITIONS.get(event.from_status, ()):
+            fault(f"events[{event.event_seq}]",
+                  f"illegal transition {event.from_status} -> {event.to_status}")
+    summaries = sorted(state.summaries, key=lambda s: s.version)
+    for older, newer in pairwise(summaries):
+        if newer.updated_at < older.updated_at:
+            fault("summaries.version", f"version {newer.version} is older than version "
+                  f"{older.version}")
+    steps = {c.checkpoint_id: c.step for c in state.checkpoints}
+    for checkpoint in state.checkpoints:
+        parent = checkpoint.parent_id
+        if parent in steps and steps[parent] >= checkpoint.step:
+            fault(f"checkpoints[{checkpoint.checkpoint_id}].step",
+                  f"step {checkpoint.step} is not above its parent {parent!r}'s step "
+                  f"{steps[parent]}")
+    for problem in state.problems():
+        if problem.startswith("checkpoint chain"):
+            fault("checkpoints.parent_id", problem)
+    return found
+
+
+# -- the batch job ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParityOptions:
+    """How a parity run reads and judges. Every field says its default."""
+
+    batch_size: int = 200  # sessions per batch (one Redis pipeline, one INSERT)
+    settle_seconds: float = 0.2  # wait before re-reading a failing session once
+    record: bool = True  # write every report to memshift.parity_results
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch_size <= 10_000:
+            raise ConfigError(f"--batch-size must be from 1 to 10000, got {self.batch_size}")
+        if self.settle_seconds < 0:
+            raise ConfigError(f"settle_seconds must be 0 or more, got {self.settle_seconds}")
+
+
+@dataclass
+class ParityTotals:
+    """Counts of a run, for the summary line."""
+
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"pass": 0, "fail": 0, "pending": 0, "error": 0}
+    )
+
+    def add(self, report: ParityReport) -> None:
+        self.counts[report.parity_status] += 1
+
+    @property
+    def checked(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def drift_rate(self) -> float:
+        """Failed share of the judged sessions (pending ones are not judged yet)."""
+        judged = self.counts["pass"] + self.counts["fail"] + self.counts["error"]
+        return self.counts["fail"] / judged if judged else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {**self.counts, "checked": self.checked,
+                "drift_rate": round(self.drift_rate, 6)}
+
+
+def parity(
+    settings: Settings,
+    *,
+    session_ids: Sequence[str] | None = None,
+    sample: int | None = None,
+    options: ParityOptions | None = None,
+) -> Iterator[ParityReport]:
+    """Check sessions: those named, a random ``sample`` of PostgreSQL's, or all.
+
+    "All" is every session PostgreSQL holds, then every session only Redis holds
+    (SCAN), each once. Reports come out batch by batch, after the batch is recorded.
+    """
+    options = options or ParityOptions()
+    if session_ids is not None and sample is not None:
+        raise ConfigError("give either session ids or a sample size, not both")
+    if sample is not None and sample < 1:
+        raise ConfigError(f"--sample must be at least 1, got {sample}")
+    if not settings.redis_url or not settings.postgres_dsn:
+        raise ConfigError(
+            "parity needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
+            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
+        )
+    with connect(settings.postgres_dsn) as conn, \
+            PostgresStore(settings.postgres_dsn, max_size=2) as truth, \
+            RedisStore(settings.redis_url, layout=settings.layout,
+                       prefix=settings.prefix) as legacy:
+        for batch in _batches(conn, truth, legacy, session_ids, sample, options.batch_size):
+            reports = check_batch(legacy, truth, batch, options.settle_seconds)
+            if options.record:
+                record(conn, reports)
+            yield from reports
+
+
+def _batches(
+    conn: psycopg.Connection[Any], truth: PostgresStore, legacy: RedisStore,
+    session_ids: Sequence[str] | None, sample: int | None, size: int,
+) -> Iterator[list[str]]:
+    if session_ids is not None:
+        ids = list(dict.fromkeys(session_ids))
+        yield from (ids[i : i + size] for i in range(0, len(ids), size))
+        return
+    if sample is not None:
+        rows = conn.execute(query("parity_sample"), {"limit": sample}).fetchall()
+        ids = [row[0] for row in rows]
+        random.shuffle(ids)
+        yield from (ids[i : i + size] for i in range(0, len(ids), size))
+        return
+    yield from _chunks(truth.list_sessions(batch_size=size), size)
+    for chunk in _chunks(legacy.list_sessions(batch_size=size), size):
+        known = {row[0] for row in conn.execute(query("parity_known"), {"ids": chunk})}
+        only_redis = sorted(set(chunk) - known)
+        if only_redis:
+            yield only_redis
+
+
+def _chunks(ids: Iterator[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for sid in ids:
+        chunk.append(sid)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+@dataclass(frozen=True)
+class _Read:
+    redis: RawSession
+    postgres: SessionState | None
+    postgres_error: str | None
+
+
+def _read(legacy: RedisStore, truth: PostgresStore, ids: Sequence[str]) -> list[_Read]:
+    # Redis first: while Redis is primary a write lands there first, so PostgreSQL,
+    # read after it, is at least as new for writes that were acknowledged.
+    raw = legacy.read_sessions(ids)
+    reads = []
+    for sid, redis_read in zip(ids, raw, strict=True):
+        try:
+            reads.append(_Read(redis_read, truth.load_session(sid), None))
+        except MemshiftError as exc:
+            reads.append(_Read(redis_read, None, str(exc)))
+    return reads
+
+
+def _judge(read: _Read, checked_at: datetime) -> ParityReport:
+    sid = read.redis.session_id
+    if read.redis.error is not None:
+        return error_report(sid, read.redis.error, checked_at, "redis")
+    if read.postgres_error is not None:
+        return error_report(sid, read.postgres_error, checked_at, "postgres")
+    report = check_session(read.redis.state, read.postgres, checked_at=checked_at)
+    if report.session_id == "?":
+        return ParityReport(sid, report.checks, report.parity_status, report.diffs, checked_at)
+    return report
+
+
+def check_batch(
+    legacy: RedisStore, truth: PostgresStore, ids: Sequence[str], settle_seconds: float,
+) -> list[ParityReport]:
+    """Judge a batch; re-read failing sessions once after ``settle_seconds``.
+
+    A session that still differs on the second read is ``fail`` when neither store
+    changed between the reads, and ``pending`` when one did (writes in flight: judge
+    it again later).
+    """
+    first = _read(legacy, truth, ids)
+    checked_at = now()
+    reports = [_judge(read, checked_at) for read in first]
+    failing = [i for i, report in enumerate(reports) if report.parity_status == "fail"]
+    if not failing:
+        return reports
+    time.sleep(settle_seconds)
+    second = _read(legacy, truth, [ids[i] for i in failing])
+    checked_at = now()
+    for index, again in zip(failing, second, strict=True):
+        report = _judge(again, checked_at)
+        if report.parity_status == "fail" and _moved(first[index], again):
+            report = ParityReport(report.session_id, report.checks, "pending", report.diffs,
+                                  checked_at)
+        reports[index] = report
+    return reports
+
+
+def _moved(before: _Read, after: _Read) -> bool:
+    return (_state_key(before.redis.state), _state_key(before.postgres)) != (
+        _state_key(after.redis.state), _state_key(after.postgres))
+
+
+def _state_key(state: SessionState | None) -> str | None:
+    if state is None:
+        return None
+    # Redis's expires_at is now + PTTL, different at every read: not a change.
+    data = state.model_dump(mode="json")
+    data["session"].pop("expires_at", None)
+    return _canonical(data)
+
+
+def record(conn: psycopg.Connection[Any], reports: Sequence[ParityReport]) -> None:
+    """Keep the reports in ``memshift.parity_results`` (redacted), in one statement."""
+    if not reports:
+        return
+    conn.execute(
+        query("parity_record"),
+        {
+            "session_ids": [r.session_id for r in reports],
+            "statuses": [r.parity_status for r in reports],
+            "checks": [Jsonb(r.checks) for r in reports],
+            "diffs": [Jsonb([d.as_json() for d in r.diffs]) for r in reports],
+            "checked_at": [r.checked_at for r in reports],
+        },
+    )
