@@ -524,10 +524,112 @@ def plan_history(
     table = Table("version", "at", "who", "action", "change", "why", title="Plan history")
     for e in entries:
         change = (f"{e.before['stage']} → {e.after['stage']}"
-                  if e.before["stage"] != e.after["stage"] else "slices")
+                  if e.before["stage"] != e.after["stage"]
+                  else "rules" if e.action == "rules" else "slices")
         table.add_row(str(e.version), e.at.isoformat(timespec="seconds"), escape(e.who),
                       e.action + (" (forced)" if e.forced else ""), change, escape(e.why))
     out.print(table)
+
+
+rule_app = typer.Typer(help="The Plan's rules: the rollback rule and the shadow sample rate.")
+app.add_typer(rule_app, name="rule", no_args_is_help=True)
+
+
+def _show_rules(plan: Any, as_json: bool) -> None:
+    from memshift.migrate.rule import RollbackRule, shadow_sample_rate
+
+    rule = RollbackRule.of(plan)
+    rate = shadow_sample_rate(plan)
+    if as_json:
+        emit_json({"version": plan.version, "rollback": rule.model_dump(mode="json"),
+                   "shadow_sample_rate": rate})
+        return
+    out.print(f"rollback rule (Plan version {plan.version}): a cutover slice goes back to "
+              f"Redis when more than {rule.drift_rate:g} % of its last {rule.window} judged "
+              f"parity results fail, or any fails {', '.join(rule.critical) or '(none)'}")
+    out.print(f"live shadow compare: {rate:.2%} of shadow and cutover reads")
+
+
+@rule_app.command("show")
+def rule_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """The rollback rule and the live compare's sample rate, as the Plan holds them."""
+    from memshift.migrate.plan import load_plan
+
+    with _plan_conn(ctx) as conn:
+        _show_rules(load_plan(conn), as_json)
+
+
+@rule_app.command("set")
+def rule_set(
+    ctx: typer.Context,
+    reason: Reason,
+    drift_rate: Annotated[
+        float | None,
+        typer.Option("--drift-rate", min=0, max=100, show_default=False,
+                     help="Roll back above this % of failed results [default 0.5]."),
+    ] = None,
+    window: Annotated[
+        int | None,
+        typer.Option("--window", min=1, show_default=False,
+                     help="Over this many latest judged results per slice [default 500]."),
+    ] = None,
+    critical: Annotated[
+        str | None,
+        typer.Option("--critical", show_default=False,
+                     help="Checks whose any failure rolls back (comma-separated; '' for "
+                          "none) [default latest_checkpoint_matches,tool_retry_state_matches]."),
+    ] = None,
+    sample_rate: Annotated[
+        float | None,
+        typer.Option("--shadow-sample-rate", min=0, max=1, show_default=False,
+                     help="Share of shadow and cutover reads compared live [default 0.01]."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change the rollback rule and/or the live compare's sample rate (audited).
+
+    Fields not given keep their values.
+    """
+    from memshift.migrate.rule import set_rule
+
+    names = (None if critical is None
+             else tuple(n.strip() for n in critical.split(",") if n.strip()))
+    with _plan_conn(ctx) as conn:
+        plan = set_rule(conn, reason, drift_rate=drift_rate, window=window, critical=names,
+                        shadow_sample_rate=sample_rate)
+    _show_rules(plan, as_json)
+
+
+@app.command("watch")
+def watch_cmd(
+    ctx: typer.Context,
+    interval: Annotated[
+        float, typer.Option("--interval", min=0.1, help="Seconds between checks.")
+    ] = 5.0,
+    once: Annotated[bool, typer.Option("--once", help="Check once, then exit.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON line per check (for scripts).")
+    ] = False,
+) -> None:
+    """Enforce the rollback rule: move each cutover slice whose parity drifts back to
+    Redis (audited as `memshift watch`). It never advances a slice again: a person does.
+    """
+    from datetime import UTC, datetime
+
+    from memshift.migrate.rule import Firing, watch
+
+    def report(firings: list[Firing]) -> None:
+        at = datetime.now(UTC).isoformat(timespec="seconds")
+        if as_json:
+            emit_json({"at": at, "fired": [f.as_json() for f in firings]})
+            return
+        for firing in firings:
+            out.print(f"{at} [red]rolled back[/] {escape(firing.read_path)}: "
+                      f"{escape(firing.why())}")
+        if once and not firings:
+            out.print(f"{at} the rollback rule holds: nothing to move back")
+
+    watch(settings_of(ctx), interval=interval, once=once, on_pass=report)
 
 
 @app.command("repair")
@@ -652,6 +754,67 @@ def _show_parity(reports: list[Any], totals: Any, show_values: bool, limit: int)
               f"{counts['error']:,} error; drift rate {totals.drift_rate:.2%}")
     if counts["pending"]:
         out.print("[yellow]pending sessions were written during the check: run it again[/]")
+
+
+@app.command("rehearse")
+def rehearse_cmd(
+    ctx: typer.Context,
+    sample: Annotated[
+        int | None,
+        typer.Option("--sample", min=1, help="Rehearse a random sample of this many sessions.",
+                     show_default=False),
+    ] = None,
+    session: Annotated[
+        list[str] | None,
+        typer.Option("--session", help="Rehearse this session (repeat for several).",
+                     show_default=False),
+    ] = None,
+    show_values: Annotated[
+        bool,
+        typer.Option("--show-values", help="Show differing values in full (by default: "
+                                           "length and hash, so transcripts do not leak)."),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON verdict per line, then the total.")
+    ] = False,
+) -> None:
+    """Resume sample sessions from PostgreSQL and from Redis side by side.
+
+    Compares what a resuming agent reads: the transcript in order, the latest
+    checkpoint, the tool runs still to retry (with their attempts) and the latest
+    summary. A verdict per session (same, differs, error) and overall; exit 1 on any
+    difference or error. Interruption drills are not built yet.
+    """
+    from memshift.migrate.rehearse import rehearse
+
+    if (sample is None) == (not session):
+        raise ConfigError("choose what to rehearse: --sample N or --session ID (repeatable)")
+    counts = {"same": 0, "differs": 0, "error": 0}
+    table = Table("session", "verdict", "resumes (from Redis)", "diffs", title="rehearse")
+    for result in rehearse(settings_of(ctx), sample=sample, session_ids=session or None):
+        counts[result.verdict] += 1
+        data = result.as_json(show_values=show_values)
+        if as_json:
+            emit_json(data)
+            continue
+        colour = "green" if result.verdict == "same" else "red"
+        diffs = "\n".join(
+            f"{d['check']} {d['field']}: redis={json.dumps(d['redis'], ensure_ascii=False)}"
+            f" postgres={json.dumps(d['postgres'], ensure_ascii=False)}"
+            for d in data["diffs"]
+        )
+        resumes = json.dumps(data["resumes"], ensure_ascii=False) if data["resumes"] else "—"
+        table.add_row(escape(result.session_id), f"[{colour}]{result.verdict}[/]",
+                      escape(resumes), escape(diffs) or "—")
+    overall = "same" if counts["differs"] == counts["error"] == 0 else "differs"
+    if as_json:
+        emit_json({"overall": overall, **counts})
+    else:
+        out.print(table)
+        out.print(f"{sum(counts.values()):,} session(s) rehearsed: {counts['same']:,} same, "
+                  f"{counts['differs']:,} differ, {counts['error']:,} error; overall {overall}")
+    if overall != "same":
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from memshift.errors import StoreUnavailable, ValidationError
+from memshift.generate import generate_sessions
 from memshift.model import Message, Session
 from memshift.stores.base import AsyncStore, Store
 from memshift.stores.postgres import AsyncPostgresStore, PostgresStore
@@ -83,3 +84,42 @@ def test_a_conflict_is_recorded_with_both_sides(pg_dsn: str) -> None:
             "SELECT existing->>'content', incoming->>'content' FROM memshift.message_conflicts"
         ).fetchone()
     assert row == ("a", "b")
+
+
+def _states_one_by_one(store: PostgresStore, ids: list[str]) -> dict[str, object]:
+    return {sid: store.load_session(sid) for sid in ids}
+
+
+def test_load_sessions_equals_load_session_for_every_id(pg_dsn: str) -> None:
+    with PostgresStore(pg_dsn) as store:
+        ids = []
+        for generated in generate_sessions(8, seed=11):
+            generated.play(store)
+            ids.append(generated.session_id)
+        # Parts without a session row: a placeholder, as a replicated write leaves one.
+        store.append_message("placeholder", Message(message_id="m1", role="user",
+                                                    content="hello", seq=0))
+        wanted = ["unknown", *reversed(ids), "placeholder", ids[0]]
+
+        batch = store.load_sessions(wanted)
+
+        assert list(batch) == list(dict.fromkeys(wanted))
+        assert batch == _states_one_by_one(store, list(batch))
+        assert batch["unknown"] is None and batch["placeholder"] is not None
+        assert store.load_sessions([]) == {}
+
+
+async def test_the_async_load_sessions_equals_its_load_session(pg_dsn: str) -> None:
+    with PostgresStore(pg_dsn) as sync_store:
+        ids = []
+        for generated in generate_sessions(3, seed=12):
+            generated.play(sync_store)
+            ids.append(generated.session_id)
+    async with AsyncPostgresStore(pg_dsn) as store:
+        batch = await store.load_sessions(ids)
+        assert batch == {sid: await store.load_session(sid) for sid in ids}
+
+
+def test_load_sessions_refuses_a_bad_id_before_reading(pg_dsn: str) -> None:
+    with PostgresStore(pg_dsn) as store, pytest.raises(ValidationError):
+        store.load_sessions(["good", ""])

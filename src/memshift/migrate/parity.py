@@ -448,13 +448,20 @@ def _read(legacy: RedisStore, truth: PostgresStore, ids: Sequence[str]) -> list[
     # Redis first: while Redis is primary a write lands there first, so PostgreSQL,
     # read after it, is at least as new for writes that were acknowledged.
     raw = legacy.read_sessions(ids)
-    reads = []
-    for sid, redis_read in zip(ids, raw, strict=True):
-        try:
-            reads.append(_Read(redis_read, truth.load_session(sid), None))
-        except MemshiftError as exc:
-            reads.append(_Read(redis_read, None, str(exc)))
-    return reads
+    try:
+        loaded = truth.load_sessions(ids)
+    except MemshiftError:
+        # One bad id (or a lost connection) fails the whole statement: read one by one,
+        # so that each session gets its own reason and the others are still judged.
+        return [_read_one(truth, redis_read) for redis_read in raw]
+    return [_Read(redis_read, loaded[sid], None) for sid, redis_read in zip(ids, raw, strict=True)]
+
+
+def _read_one(truth: PostgresStore, redis_read: RawSession) -> _Read:
+    try:
+        return _Read(redis_read, truth.load_session(redis_read.session_id), None)
+    except MemshiftError as exc:
+        return _Read(redis_read, None, str(exc))
 
 
 def _judge(read: _Read, checked_at: datetime) -> ParityReport:

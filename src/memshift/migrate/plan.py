@@ -332,6 +332,17 @@ def set_slice(
     return _change(conn, "slice", why, mutate, who=who)
 
 
+def set_rules(
+    conn: psycopg.Connection[Any], rules: dict[str, Any], why: str, *, who: str | None = None,
+) -> Plan:
+    """Replace these entries of the Plan's rules (the others stay); validated by the caller."""
+
+    def mutate(plan: Plan) -> dict[str, Any]:
+        return _parts(plan) | {"rules": plan.rules | rules}
+
+    return _change(conn, "rules", why, mutate, who=who)
+
+
 def rollback(
     conn: psycopg.Connection[Any], why: str, *, read_path: str | None = None,
     who: str | None = None,

@@ -9,25 +9,45 @@ SELECT coalesce(max(version), 0) FROM memshift.schema_version;
 -- name: load_session
 -- The whole session in one statement: the session row as JSON and each part as a
 -- JSON array in text form (validated in one call on the client).
+{{session_parts rows=one_session_id}}
+
+-- name: one_session_id
+%(session_id)s
+
+-- name: load_sessions
+-- Many sessions in one statement: load_session's columns for each id given, in the
+-- order given, after the id itself. An id held by neither store comes back too (a
+-- NULL session and empty parts), as load_session's row does.
+SELECT ids.session_id, parts.*
+  FROM unnest(%(ids)s::text[]) WITH ORDINALITY AS ids(session_id, n)
+ CROSS JOIN LATERAL ({{session_parts rows=each_session_id}}) AS parts
+ ORDER BY ids.n
+
+-- name: each_session_id
+ids.session_id
+
+-- name: session_parts
+-- load_session's columns for one session, whose id the rows slot gives: a
+-- parameter (load_session) or a column of the enclosing query (load_sessions).
 SELECT
     -- A placeholder that no session write has reached yet has no updated_at of its
     -- own: it shows its created_at (the time of its first part).
     (SELECT to_jsonb(s) - 'next_seq' - 'next_event_seq' - 'placeholder'
             || jsonb_build_object('updated_at', CASE WHEN s.updated_at = '-infinity'
                                                      THEN s.created_at ELSE s.updated_at END)
-       FROM memshift.sessions s WHERE s.session_id = %(session_id)s),
+       FROM memshift.sessions s WHERE s.session_id = {{rows}}),
     (SELECT coalesce(jsonb_agg(to_jsonb(m) - 'session_id' ORDER BY m.seq), '[]')::text
-       FROM memshift.messages m WHERE m.session_id = %(session_id)s),
+       FROM memshift.messages m WHERE m.session_id = {{rows}}),
     (SELECT coalesce(jsonb_agg(to_jsonb(t) - 'session_id' - 'content_hash'
                                ORDER BY t.tool_call_id), '[]')::text
-       FROM memshift.tool_runs t WHERE t.session_id = %(session_id)s),
+       FROM memshift.tool_runs t WHERE t.session_id = {{rows}}),
     (SELECT coalesce(jsonb_agg(to_jsonb(u) - 'session_id' ORDER BY u.version), '[]')::text
-       FROM memshift.summaries u WHERE u.session_id = %(session_id)s),
+       FROM memshift.summaries u WHERE u.session_id = {{rows}}),
     (SELECT coalesce(jsonb_agg(to_jsonb(c) - 'session_id'
                                ORDER BY c.step, c.checkpoint_id), '[]')::text
-       FROM memshift.checkpoints c WHERE c.session_id = %(session_id)s),
+       FROM memshift.checkpoints c WHERE c.session_id = {{rows}}),
     (SELECT coalesce(jsonb_agg(to_jsonb(e) - 'session_id' ORDER BY e.event_seq), '[]')::text
-       FROM memshift.events e WHERE e.session_id = %(session_id)s);
+       FROM memshift.events e WHERE e.session_id = {{rows}})
 
 -- name: merge_sessions
 -- The guarded upsert of session records, from the rows given, in the column order below.
@@ -626,3 +646,38 @@ SELECT count(*), count(*) FILTER (WHERE status = 'pass')
          WHERE status <> 'pending'
          ORDER BY checked_at DESC, id DESC
          LIMIT %(window)s) AS latest
+
+-- ---------------------------------------------------------------------------------
+-- Rollback rule.
+
+-- name: parity_record_live
+-- One live shadow compare's report, with the read path it sampled.
+INSERT INTO memshift.parity_results (session_id, status, checks, diffs, checked_at, read_path)
+VALUES (%(session_id)s, %(status)s, %(checks)s, %(diffs)s, %(checked_at)s, %(read_path)s)
+
+-- name: rule_slice_changed_at
+-- When this read path's slice (or the stage) last changed: evidence older than that
+-- was about another Plan, so the rule leaves it out (a person's re-advance starts afresh).
+SELECT max(at) FROM memshift.plan_audit
+ WHERE before -> 'slices' -> %(read_path)s IS DISTINCT FROM after -> 'slices' -> %(read_path)s
+    OR before -> 'stage' IS DISTINCT FROM after -> 'stage'
+
+-- name: rule_window
+-- The newest judged results for this read path (batch ones, with no path, count for
+-- every path) since its slice changed: how many, how many failed, and how many
+-- failures of each critical check.
+WITH latest AS (
+    SELECT status, checks FROM memshift.parity_results
+     WHERE status <> 'pending' AND (%(since)s::timestamptz IS NULL OR checked_at > %(since)s)
+       AND (read_path IS NULL OR read_path = %(read_path)s)
+     ORDER BY checked_at DESC, id DESC
+     LIMIT %(window)s
+)
+SELECT (SELECT count(*) FROM latest),
+       (SELECT count(*) FROM latest WHERE status = 'fail'),
+       (SELECT coalesce(jsonb_object_agg(name, n), '{}') FROM (
+            SELECT c.name, count(*) AS n
+              FROM latest, jsonb_each(latest.checks) AS c(name, ok)
+             WHERE latest.status = 'fail' AND c.ok = 'false'::jsonb
+               AND c.name = ANY(%(critical)s::text[])
+             GROUP BY c.name) AS failures)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from memshift.model import SessionState
+
+if TYPE_CHECKING:
+    from memshift.migrate.parity import ParityReport
 
 # Why a read went where it did:
 #   stage                  the stage sends every read of this path there
@@ -18,6 +22,16 @@ ReadReason = Literal["stage", "slice", "stale_plan", "repair_pending", "secondar
 # What served a read: a store, or (in the retired stage) the cache in Redis in front of
 # PostgreSQL.
 ReadSource = Literal["redis", "postgres", "cache"]
+
+
+class Compare(Protocol):
+    """How the live shadow compare judges a session: ``parity.check_session`` (tests
+    pass a double, e.g. a slow one, to see that readers do not wait for it)."""
+
+    def __call__(
+        self, redis_state: SessionState | None, pg_state: SessionState | None, *,
+        checked_at: datetime,
+    ) -> ParityReport: ...
 
 
 @dataclass(frozen=True)
@@ -42,6 +56,9 @@ class RouterStats:
     cache: Counter[str] = field(default_factory=Counter)
     # The background repair: runs, sessions repaired, runs that failed.
     background_repair: Counter[str] = field(default_factory=Counter)
+    # The live shadow compare: reads sampled, dropped (its queue was full), reports by
+    # status (pass, fail, pending, error) once recorded, and compares that failed.
+    shadow: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,4 +69,5 @@ class RouterStats:
             "stale_plan_reads": self.stale_plan_reads,
             "cache": dict(self.cache),
             "background_repair": dict(self.background_repair),
+            "shadow": dict(self.shadow),
         }

@@ -20,8 +20,8 @@ from redis.commands.core import AsyncScript as ScriptHandle
 T = TypeVar("T")
 AsyncLock = asyncio.Lock  # guards one-time setup shared by concurrent callers
 
-__all__ = ["AsyncLock", "AsyncRedis", "AsyncRedisCluster", "ScriptHandle", "close_client",
-           "queue_command", "run_blocking"]
+__all__ = ["AsyncLock", "AsyncRedis", "AsyncRedisCluster", "Background", "ScriptHandle",
+           "close_client", "queue_command", "run_blocking"]
 
 
 async def close_client(client: AsyncRedis | AsyncRedisCluster) -> None:
@@ -62,3 +62,50 @@ class Periodic:
     async def stop(self) -> None:
         self._stopping.set()
         await self._task
+
+
+class Background:
+    """Run jobs off the caller's path: a bounded queue and one worker task.
+
+    ``submit`` never waits: when the queue is full it drops the job and returns False
+    (the caller counts drops). ``job`` must not raise (it logs its own errors). The
+    worker starts with the first job, in the loop that submits it. ``drain()`` waits
+    for every job submitted so far; ``stop()`` drops those queued and waits for the
+    one under way.
+    """
+
+    def __init__(self, name: str, maxsize: int) -> None:
+        self._name = name
+        self._maxsize = maxsize
+        self._queue: asyncio.Queue[Callable[[], Awaitable[None]]] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, job: Callable[[], Awaitable[None]]) -> bool:
+        if self._queue is None:
+            self._queue = asyncio.Queue(self._maxsize)
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=self._name)
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            return False
+        return True
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        while True:
+            job = await self._queue.get()
+            try:
+                await job()
+            finally:
+                self._queue.task_done()
+
+    async def drain(self) -> None:
+        if self._queue is not None:
+            await self._queue.join()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._queue = self._task = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import threading
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -15,8 +15,8 @@ from redis.commands.core import Script as ScriptHandle
 T = TypeVar("T")
 Lock = threading.Lock  # guards one-time setup shared by concurrent callers
 
-__all__ = ["Lock", "Redis", "RedisCluster", "ScriptHandle", "close_client", "queue_command",
-           "run_blocking"]
+__all__ = ["Background", "Lock", "Redis", "RedisCluster", "ScriptHandle", "close_client",
+           "queue_command", "run_blocking"]
 
 
 def close_client(client: Redis | RedisCluster) -> None:
@@ -55,3 +55,61 @@ class Periodic:
         self._stopping.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+
+
+class Background:
+    """Run jobs off the caller's path: a bounded queue and one daemon worker thread
+    (the async twin: a task).
+
+    ``submit`` never waits: when the queue is full it drops the job and returns False
+    (the caller counts drops). ``job`` must not raise (it logs its own errors). The
+    worker starts with the first job. ``drain()`` waits for every job submitted so far;
+    ``stop()`` drops those queued and waits for the one under way.
+    """
+
+    def __init__(self, name: str, maxsize: int) -> None:
+        self._name = name
+        self._queue: queue.Queue[Callable[[], None]] = queue.Queue(maxsize)
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._start = threading.Lock()
+
+    def submit(self, job: Callable[[], None]) -> bool:
+        with self._start:
+            if self._thread is None:
+                self._stopping.clear()
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                if not self._stopping.is_set():
+                    job()
+            finally:
+                self._queue.task_done()
+
+    def drain(self) -> None:
+        self._queue.join()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._start:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._queue.task_done()

@@ -29,19 +29,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import random
 import time
 from collections.abc import Iterator, Callable, Mapping
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg.types.json import Jsonb
 
 from memshift.config import Settings
 from memshift.errors import ConfigError, StoreUnavailable
 from memshift.migrate import spool
-from memshift.migrate.plan import PlanSource, Stage, StoreName
+from memshift.migrate.parity import ParityReport, check_session, error_report
+from memshift.migrate.parity import _state_key as state_key
+from memshift.migrate.plan import Plan, PlanSource, Stage, StoreName
 from memshift.migrate.repair import repair
+from memshift.migrate.rule import shadow_sample_rate
 from memshift.model import (
     Checkpoint,
     MemorySummary,
@@ -57,9 +63,9 @@ from memshift.model import (
 from memshift.redact import redact
 from memshift.sql.queries import query
 from memshift.stores.base import Store, Outcome
-from memshift.stores.routing import ReadReason, ReadResult, ReadSource, RouterStats
+from memshift.stores.routing import Compare, ReadReason, ReadResult, ReadSource, RouterStats
 
-from ._clients import Periodic, run_blocking
+from ._clients import Background, Periodic, run_blocking
 from .cache import SessionCache
 from .postgres import PostgresStore
 from .redis import RedisStore
@@ -108,7 +114,15 @@ class MigratingStore:
         spool_path: Path | None = None,
         cache_ttl_seconds: int = 300,
         repair_interval: float | None = None,
+        compare: Compare = check_session,
+        compare_queue_size: int = 1000,
+        compare_settle_seconds: float = 0.2,
     ) -> None:
+        if compare_queue_size < 1 or compare_settle_seconds < 0:
+            raise ConfigError(
+                f"compare_queue_size must be at least 1 and compare_settle_seconds 0 or more; "
+                f"got {compare_queue_size!r}, {compare_settle_seconds!r}"
+            )
         self._redis = redis
         self._postgres = postgres
         self._plan = plan
@@ -121,6 +135,10 @@ class MigratingStore:
         self._cache = SessionCache(redis.client, redis.layout.prefix, self.stats,
                                         ttl_seconds=cache_ttl_seconds)
         self._repairer: Periodic | None = None
+        self._compare = compare
+        self._compare_settle = compare_settle_seconds
+        self._shadow = Background("memshift-shadow-compare", compare_queue_size)
+        self._sampler = random.Random()
         if repair_interval is not None:
             self._repair_settings = self._settings_for_repair(repair_interval)
             try:
@@ -139,6 +157,7 @@ class MigratingStore:
         self.close()
 
     def close(self) -> None:
+        self._shadow.stop()
         if self._repairer is not None:
             self._repairer.stop()
             self._repairer = None
@@ -181,8 +200,7 @@ class MigratingStore:
                 state, pending = None, True
                 reason = "secondary_unavailable"
             if not pending:
-                self.stats.reads[(source, read_path, reason)] += 1
-                return ReadResult(state, source, reason)
+                return self._served(plan, sid, read_path, ReadResult(state, source, reason))
             source = primary
             if reason != "secondary_unavailable":
                 reason = "repair_pending"
@@ -191,8 +209,7 @@ class MigratingStore:
         elif plan.stage is Stage.RETIRED:
             cached = self._cache.read(sid, plan.version, self._postgres)
             served: ReadSource = "cache" if cached.hit else "postgres"
-            self.stats.reads[(served, read_path, reason)] += 1
-            return ReadResult(cached.state, served, reason)
+            return self._served(plan, sid, read_path, ReadResult(cached.state, served, reason))
         try:
             state = self._store(source).load_session(sid)
         except StoreUnavailable:
@@ -200,8 +217,27 @@ class MigratingStore:
                 raise
             source, reason = primary, "secondary_unavailable"
             state = self._store(source).load_session(sid)
-        self.stats.reads[(source, read_path, reason)] += 1
-        return ReadResult(state, source, reason)
+        return self._served(plan, sid, read_path, ReadResult(state, source, reason))
+
+    def _served(
+        self, plan: Plan, session_id: str, read_path: str, result: ReadResult
+    ) -> ReadResult:
+        """Count the read; in shadow and cutover, hand a sampled share to the live compare.
+
+        Only reads routed by the Plan (reason ``stage`` or ``slice``) are sampled: the
+        others were served by the primary because the chosen store may lack writes.
+        """
+        self.stats.reads[(result.source, read_path, result.reason)] += 1
+        if (plan.stage in (Stage.SHADOW, Stage.CUTOVER) and result.reason in ("stage", "slice")
+                and result.source != "cache"
+                and self._sampler.random() < shadow_sample_rate(plan)):
+            served: StoreName = "postgres" if result.source == "postgres" else "redis"
+            self.stats.shadow["sampled"] += 1
+            queued = self._shadow.submit(
+                lambda: self._compare_live(session_id, read_path, served, result.state))
+            if not queued:
+                self.stats.shadow["dropped"] += 1
+        return result
 
     def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]:
         """Every session id, from the primary."""
@@ -242,6 +278,56 @@ class MigratingStore:
                 rows = self._queue("repair_targets", {})
                 self._pending_targets = {row[0] for row in rows}
         return recent | self._pending_targets
+
+    # -- the live shadow compare ----------------------------------------------------------
+
+    def _compare_live(
+        self, session_id: str, read_path: str, served: StoreName, state: SessionState | None
+    ) -> None:
+        """Compare a sampled read with the other store and record the report; never raises.
+
+        A report that fails is judged again after ``compare_settle_seconds`` on fresh
+        reads of both stores, as ``memshift parity`` does: still failing with neither
+        store changed is ``fail``; with one changed (writes in flight) ``pending``.
+        """
+        try:
+            try:
+                other = self._store(_other(served)).load_session(session_id)
+            except StoreUnavailable as exc:
+                report = error_report(session_id, str(exc), now(), _other(served))
+            else:
+                first = (state, other) if served == "redis" else (other, state)
+                report = self._compare(*first, checked_at=now())
+                if report.parity_status == "fail":
+                    report = self._judge_again(session_id, first)
+            self._queue("parity_record_live", {
+                "session_id": session_id, "status": report.parity_status,
+                "checks": Jsonb(report.checks), "diffs": Jsonb([d.as_json() for d in report.diffs]),
+                "checked_at": report.checked_at, "read_path": read_path,
+            })
+        except Exception as exc:  # the compare is a bystander: it must not disturb the app
+            self.stats.shadow["failed"] += 1
+            log.warning("session %r: the live compare of a %s read failed: %s: %s",
+                        session_id, read_path, type(exc).__name__, redact(str(exc)))
+            return
+        self.stats.shadow[report.parity_status] += 1
+
+    def _judge_again(
+        self, session_id: str, first: tuple[SessionState | None, SessionState | None]
+    ) -> ParityReport:
+        run_blocking(time.sleep, self._compare_settle)
+        # Redis first: while it is the primary, PostgreSQL read after it is at least as new.
+        second = (self._redis.load_session(session_id),
+                  self._postgres.load_session(session_id))
+        report = self._compare(*second, checked_at=now())
+        moved = [state_key(s) for s in first] != [state_key(s) for s in second]
+        if report.parity_status == "fail" and moved:
+            return replace(report, parity_status="pending")
+        return report
+
+    def drain_compares(self) -> None:
+        """Wait until every live compare handed over so far is recorded (tests, scripts)."""
+        self._shadow.drain()
 
     # -- writes -----------------------------------------------------------------------
 

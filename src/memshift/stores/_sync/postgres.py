@@ -6,7 +6,7 @@ The sync ``PostgresStore`` is generated from this file by tools/gen_sync.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -174,6 +174,18 @@ class PostgresStore:
         row = self._fetchone("load_session", {"session_id": sid})
         assert row is not None  # a SELECT of scalar subqueries always yields one row
         return _state(sid, row)
+
+    def load_sessions(self, session_ids: Sequence[str]) -> dict[str, SessionState | None]:
+        """Many sessions in one statement, by id (None for one PostgreSQL does not hold).
+
+        Each equals what ``load_session`` returns for its id; an id given twice is
+        read once.
+        """
+        ids = list(dict.fromkeys(check_session_id(sid) for sid in session_ids))
+        if not ids:
+            return {}
+        rows = self._fetch("load_sessions", {"ids": ids})
+        return {row[0]: _state(row[0], row[1:]) for row in rows}
 
     def load_session_unless_repair(
         self, session_id: str

@@ -1,0 +1,231 @@
+"""Rehearsal: would an agent resume the same from PostgreSQL as from Redis?
+
+``rehearse`` takes sample sessions and builds, from each store, what a resuming agent
+reads (a :class:`Resumption`): the transcript in order, the latest checkpoint, the
+tool runs still to be retried (non-terminal, with their attempts) and the latest
+summary. ``compare`` sets the two side by side (pure, no I/O) and gives a
+:class:`Rehearsal` per session: ``same``, ``differs`` or ``error``.
+
+Parity asks whether the stores hold the same records; rehearsal asks only whether
+they would resume the agent the same way, so it ignores what a resume does not read
+(metadata, events, older checkpoints and summaries, finished tool runs).
+Differences are :class:`~memshift.migrate.parity.Diff` s, redacted in the same way.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from memshift.config import Settings
+from memshift.errors import ConfigError, MemshiftError
+from memshift.migrate.backfill import connect
+from memshift.migrate.parity import Diff
+from memshift.model import Checkpoint, MemorySummary, Message, SessionState, ToolRun
+from memshift.sql.queries import query
+from memshift.stores.postgres import PostgresStore
+from memshift.stores.redis import RedisStore
+
+Verdict = Literal["same", "differs", "error"]
+TRANSCRIPT = "transcript"
+CHECKPOINT = "latest_checkpoint"
+TOOL_RETRIES = "pending_tool_retries"
+SUMMARY = "latest_summary"
+
+
+@dataclass(frozen=True)
+class Resumption:
+    """What an agent reads to go on with a session."""
+
+    transcript: dict[int, Message]  # by seq, only the messages the store holds
+    first_seq: int  # where the transcript this store holds starts
+    checkpoint: Checkpoint | None
+    pending_tools: dict[str, ToolRun]  # non-terminal tool runs, by tool_call_id
+    summary: MemorySummary | None
+
+    @classmethod
+    def of(cls, state: SessionState) -> Resumption:
+        transcript = {m.seq: m for m in state.messages if m.seq is not None}
+        first = min(transcript) if transcript else state.session.messages_trimmed
+        return cls(
+            transcript=transcript,
+            first_seq=first,
+            checkpoint=state.latest_checkpoint,
+            pending_tools={t.tool_call_id: t for t in state.tool_runs if not t.terminal},
+            summary=state.latest_summary,
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The shape of a resume, without values: counts, ids, steps, versions."""
+        checkpoint = self.checkpoint
+        return {
+            "messages": len(self.transcript),
+            "checkpoint": None if checkpoint is None
+            else {"checkpoint_id": checkpoint.checkpoint_id, "step": checkpoint.step},
+            "pending_tool_retries": {k: t.attempts for k, t in sorted(self.pending_tools.items())},
+            "summary_version": None if self.summary is None else self.summary.version,
+        }
+
+
+@dataclass(frozen=True)
+class Rehearsal:
+    session_id: str
+    verdict: Verdict
+    diffs: tuple[Diff, ...]
+    resumes: dict[str, Any] | None  # Redis's resumption (as JSON), when both resumed
+
+    def as_json(self, *, show_values: bool = False) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "verdict": self.verdict,
+            "resumes": self.resumes,
+            "diffs": [d.as_json(show_values=show_values) for d in self.diffs],
+        }
+
+
+# -- the comparison (pure) -------------------------------------------------------------
+
+
+def compare(
+    session_id: str, redis_state: SessionState | None, pg_state: SessionState | None
+) -> Rehearsal:
+    """Resume one session from each store and say whether the agent would see the same."""
+    if redis_state is None or pg_state is None:
+        diff = Diff("session", "session", "absent" if redis_state is None else "present",
+                    "absent" if pg_state is None else "present")
+        verdict: Verdict = "error" if redis_state is pg_state else "differs"
+        return Rehearsal(session_id, verdict, (diff,), None)
+    ours, theirs = Resumption.of(redis_state), Resumption.of(pg_state)
+    diffs = [*_transcript(ours, theirs), *_checkpoint(ours, theirs),
+             *_tool_retries(ours, theirs), *_summary(ours, theirs)]
+    return Rehearsal(session_id, "differs" if diffs else "same", tuple(diffs), ours.as_json())
+
+
+def _transcript(ours: Resumption, theirs: Resumption) -> list[Diff]:
+    # PostgreSQL keeps what Redis trimmed; the agent resumes from what Redis holds.
+    seqs = sorted(s for s in ours.transcript.keys() | theirs.transcript.keys()
+                  if s >= ours.first_seq)
+    diffs: list[Diff] = []
+    for seq in seqs:
+        mine, other = ours.transcript.get(seq), theirs.transcript.get(seq)
+        where = f"messages[seq={seq}]"
+        if mine is None or other is None:
+            diffs.append(Diff(TRANSCRIPT, where, "present" if mine else "absent",
+                              "present" if other else "absent"))
+            continue
+        for attr in ("message_id", "role", "tool_call_id"):
+            if getattr(mine, attr) != getattr(other, attr):
+                diffs.append(Diff(TRANSCRIPT, f"{where}.{attr}", getattr(mine, attr),
+                                  getattr(other, attr)))
+        if mine.content != other.content:
+            diffs.append(Diff(TRANSCRIPT, f"{where}.content", mine.content, other.content,
+                              sensitive=True))
+    return diffs
+
+
+def _checkpoint(ours: Resumption, theirs: Resumption) -> list[Diff]:
+    mine, other = ours.checkpoint, theirs.checkpoint
+    if mine is None or other is None:
+        if mine is other:
+            return []
+        return [Diff(CHECKPOINT, "checkpoint_id", mine.checkpoint_id if mine else None,
+                     other.checkpoint_id if other else None)]
+    diffs = [Diff(CHECKPOINT, attr, getattr(mine, attr), getattr(other, attr))
+             for attr in ("checkpoint_id", "step") if getattr(mine, attr) != getattr(other, attr)]
+    if mine.state != other.state:
+        diffs.append(Diff(CHECKPOINT, "state", mine.state, other.state, sensitive=True))
+    return diffs
+
+
+def _tool_retries(ours: Resumption, theirs: Resumption) -> list[Diff]:
+    diffs: list[Diff] = []
+    for call_id in sorted(ours.pending_tools.keys() | theirs.pending_tools.keys()):
+        mine, other = ours.pending_tools.get(call_id), theirs.pending_tools.get(call_id)
+        where = f"tool_runs[{call_id}]"
+        if mine is None or other is None:
+            # Finished (or unknown) on one side: the agent would not retry it there.
+            diffs.append(Diff(TOOL_RETRIES, where, "pending" if mine else "not pending",
+                              "pending" if other else "not pending"))
+            continue
+        diffs += [Diff(TOOL_RETRIES, f"{where}.{attr}", getattr(mine, attr), getattr(other, attr))
+                  for attr in ("name", "status", "attempts")
+                  if getattr(mine, attr) != getattr(other, attr)]
+        if mine.args != other.args:
+            diffs.append(Diff(TOOL_RETRIES, f"{where}.args", mine.args, other.args,
+                              sensitive=True))
+    return diffs
+
+
+def _summary(ours: Resumption, theirs: Resumption) -> list[Diff]:
+    mine, other = ours.summary, theirs.summary
+    if mine is None or other is None or mine.version != other.version:
+        if mine is other:
+            return []
+        return [Diff(SUMMARY, "version", mine.version if mine else None,
+                     other.version if other else None)]
+    if mine.text != other.text:
+        return [Diff(SUMMARY, "text", mine.text, other.text, sensitive=True)]
+    return []
+
+
+# -- the job ---------------------------------------------------------------------------
+
+
+def rehearse(
+    settings: Settings,
+    *,
+    sample: int | None = None,
+    session_ids: Sequence[str] | None = None,
+    batch_size: int = 200,
+) -> Iterator[Rehearsal]:
+    """Rehearse a random ``sample`` of PostgreSQL's sessions, or the ``session_ids`` given.
+
+    Each batch is read with one Redis pipeline and one PostgreSQL statement, Redis
+    first (as parity reads). A store that cannot read a session makes it ``error``.
+    """
+    if (sample is None) == (session_ids is None):
+        raise ConfigError("rehearse needs either --sample N or session ids")
+    if sample is not None and sample < 1:
+        raise ConfigError(f"--sample must be at least 1, got {sample}")
+    if not settings.redis_url or not settings.postgres_dsn:
+        raise ConfigError(
+            "rehearse needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
+            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
+        )
+    with connect(settings.postgres_dsn) as conn, \
+            PostgresStore(settings.postgres_dsn, max_size=2) as truth, \
+            RedisStore(settings.redis_url, layout=settings.layout,
+                       prefix=settings.prefix) as legacy:
+        if session_ids is None:
+            ids = [row[0] for row in conn.execute(query("parity_sample"), {"limit": sample})]
+            random.shuffle(ids)
+        else:
+            ids = list(dict.fromkeys(session_ids))
+        for at in range(0, len(ids), batch_size):
+            yield from _rehearse_batch(legacy, truth, ids[at : at + batch_size])
+
+
+def _rehearse_batch(legacy: RedisStore, truth: PostgresStore, ids: list[str]) -> list[Rehearsal]:
+    raws = legacy.read_sessions(ids)
+    failed: dict[str, str] = {}
+    try:
+        loaded = truth.load_sessions(ids)
+    except MemshiftError:
+        # One bad id fails the whole statement: read one by one, each with its reason.
+        loaded = {}
+        for sid in ids:
+            try:
+                loaded[sid] = truth.load_session(sid)
+            except MemshiftError as exc:
+                failed[sid] = str(exc)
+    results = []
+    for raw in raws:
+        sid = raw.session_id
+        if raw.error is not None or sid in failed:
+            diff = Diff("session", "readable", raw.error, failed.get(sid))
+            results.append(Rehearsal(sid, "error", (diff,), None))
+        else:
+            results.append(compare(sid, raw.state, loaded[sid]))
+    return results
