@@ -122,11 +122,12 @@ def redis_url(_servers: tuple[str, str]) -> str:
 
 @pytest.fixture
 def redis_prefix(redis_url: str) -> Iterator[str]:
-    """A key prefix of this test's own; its keys are deleted afterwards."""
+    """A key prefix of this test's own; its keys (and those of prefixes made from it)
+    are deleted afterwards."""
     prefix = f"mst{uuid.uuid4().hex[:10]}"
     yield prefix
     client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()
