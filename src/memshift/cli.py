@@ -777,16 +777,56 @@ def rehearse_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON verdict per line, then the total.")
     ] = False,
+    drill: Annotated[
+        str | None,
+        typer.Option("--drill", help="Run an interruption drill instead: kill-backfill "
+                                     "(pg-outage is not built yet).", show_default=False),
+    ] = None,
+    sessions: Annotated[
+        int, typer.Option("--sessions", min=1, help="Drill: sessions to generate.")
+    ] = 300,
+    kills: Annotated[
+        int, typer.Option("--kills", min=0, help="Drill: times to SIGKILL the backfill.")
+    ] = 3,
 ) -> None:
     """Resume sample sessions from PostgreSQL and from Redis side by side.
 
     Compares what a resuming agent reads: the transcript in order, the latest
     checkpoint, the tool runs still to retry (with their attempts) and the latest
     summary. A verdict per session (same, differs, error) and overall; exit 1 on any
-    difference or error. Interruption drills are not built yet.
-    """
-    from memshift.migrate.rehearse import rehearse
+    difference or error.
 
+    --drill kill-backfill generates --sessions sessions under a key prefix of its own,
+    SIGKILLs `memshift backfill` --kills times, runs it to completion, then checks the
+    stores, parity and the Plan; exit 1 if any figure is off. Its synthetic sessions
+    are deleted from both stores afterwards (its backfill run row stays as the record).
+    (--drill pg-outage is not built yet.)
+    """
+    from memshift.migrate.rehearse import DRILLS, drill_kill_backfill, rehearse
+
+    if drill is not None:
+        if drill not in DRILLS:
+            raise ConfigError(f"unknown drill {drill!r}; known: {', '.join(DRILLS)} "
+                              "(pg-outage is not built yet)")
+        if sample is not None or session:
+            raise ConfigError("--drill runs on sessions of its own: drop --sample/--session")
+        report = drill_kill_backfill(settings_of(ctx), sessions=sessions, kills=kills)
+        if as_json:
+            emit_json(report.as_json())
+        else:
+            drill_table = Table("figure", "value", "expected", "ok",
+                                title=f"rehearse --drill {report.drill}")
+            for figure in report.figures:
+                mark = "[green]ok[/]" if figure.ok else "[red]OFF[/]"
+                drill_table.add_row(escape(figure.name), escape(str(figure.value)),
+                                    escape(str(figure.expected)), mark)
+            out.print(drill_table)
+            out.print(f"drill {report.drill} on prefix {escape(report.prefix)}: verdict "
+                      f"{report.verdict}. Its {len(report.session_ids):,} synthetic session(s) "
+                      "were deleted from both stores; its backfill run row is the record.")
+        if not report.ok:
+            raise typer.Exit(1)
+        return
     if (sample is None) == (not session):
         raise ConfigError("choose what to rehearse: --sample N or --session ID (repeatable)")
     counts = {"same": 0, "differs": 0, "error": 0}

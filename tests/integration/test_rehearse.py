@@ -114,3 +114,39 @@ def test_the_cli_gives_a_verdict_per_session_hides_values_and_exits_1_on_a_diffe
     assert diff["redis"] == {"length": len(SECRET), "sha256": diff["redis"]["sha256"]}
     assert overall == {"overall": "differs", "same": 0, "differs": 1, "error": 0}
     assert SECRET in revealed.stdout
+
+
+def test_the_kill_backfill_drill_finds_the_truth_intact(
+    config: Settings, redis_url: str, redis_prefix: str, truth: PostgresStore
+) -> None:
+    from memshift.migrate.rehearse import drill_kill_backfill
+
+    report = drill_kill_backfill(config, sessions=120, kills=3, seed=11)
+
+    figures = {f.name: f.value for f in report.figures}
+    assert report.verdict == "pass", [f for f in report.figures if not f.ok]
+    assert report.prefix.startswith(f"{redis_prefix}-drill-")
+    assert figures["kills"] == 3 and figures["sessions"] == 120
+    assert figures["messages in Redis"] == figures["messages in PostgreSQL"] > 0
+    assert (figures["parity pass"], figures["parity fail"], figures["parity pending"],
+            figures["parity error"]) == (120, 0, 0, 0)
+    assert figures["backfill run state"] == "completed" and figures["backfill runs"] == 1
+    assert figures["backfill sessions done"] == 120 and figures["backfill quarantined"] == 0
+    assert figures["plan stage"] == "redis_only" and figures["plan version"] >= 1
+    # Both stores are left clean: synthetic sessions must not read as drift later.
+    client = redis.Redis.from_url(redis_url)
+    assert list(client.scan_iter(match=f"{report.prefix}:*")) == []
+    client.close()
+    assert truth.load_sessions(report.session_ids) == dict.fromkeys(report.session_ids)
+
+
+def test_the_drill_from_the_command_line(pg_dsn: str, redis_url: str, redis_prefix: str) -> None:
+    result = memshift("rehearse", "--drill", "kill-backfill", "--sessions", "40", "--kills",
+                      "1", "--json", env={"MEMSHIFT_POSTGRES_DSN": pg_dsn,
+                                          "MEMSHIFT_REDIS_URL": redis_url,
+                                          "MEMSHIFT_PREFIX": redis_prefix})
+
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["verdict"] == "pass" and data["sessions"] == 40
+    assert {f["figure"] for f in data["figures"]} >= {"kills", "parity pass", "plan stage"}

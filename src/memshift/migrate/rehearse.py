@@ -14,7 +14,9 @@ Differences are :class:`~memshift.migrate.parity.Diff` s, redacted in the same w
 
 from __future__ import annotations
 
+import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -229,3 +231,196 @@ def _rehearse_batch(legacy: RedisStore, truth: PostgresStore, ids: list[str]) ->
         else:
             results.append(compare(sid, raw.state, loaded[sid]))
     return results
+
+
+# -- the interruption drill ------------------------------------------------------------
+
+DRILLS = ("kill-backfill",)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One line of a drill's table: what was measured, what it should be, and whether it is."""
+
+    name: str
+    value: Any
+    expected: Any
+    ok: bool
+
+    def as_json(self) -> dict[str, Any]:
+        return {"figure": self.name, "value": self.value, "expected": self.expected,
+                "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class DrillReport:
+    """What a drill did and whether the stores, parity and the Plan still tell the truth."""
+
+    drill: str
+    prefix: str  # the drill's own Redis key prefix (its keys are deleted afterwards)
+    session_ids: tuple[str, ...]
+    figures: tuple[Figure, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.figures)
+
+    @property
+    def verdict(self) -> Literal["pass", "fail"]:
+        return "pass" if self.ok else "fail"
+
+    def figure(self, name: str) -> Any:
+        return next(f.value for f in self.figures if f.name == name)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"drill": self.drill, "prefix": self.prefix, "verdict": self.verdict,
+                "sessions": len(self.session_ids),
+                "figures": [f.as_json() for f in self.figures]}
+
+
+def drill_kill_backfill(
+    settings: Settings,
+    *,
+    sessions: int = 300,
+    kills: int = 3,
+    batch_size: int = 5,
+    lease_seconds: float = 0.5,
+    seed: int | None = None,
+    timeout: float = 300.0,
+) -> DrillReport:
+    """SIGKILL ``memshift backfill`` ``kills`` times, let it finish, and check the truth.
+
+    On a fresh key prefix of its own (``{prefix}-drill-{token}``), it writes
+    ``sessions`` generated sessions into Redis, runs ``memshift backfill --prefix THAT
+    --json`` as a child process and kills its process group with SIGKILL each time the
+    run has copied at least one more batch, after a random pause; then it waits for
+    the killed run's lease and runs the backfill to completion. It then compares the
+    messages each store holds for exactly those sessions, runs parity over them (not
+    recorded in ``parity_results``, so the drill does not feed the Plan's gate) and
+    reads the Plan back. At the end the drill's sessions are deleted from both stores
+    (they are synthetic: left in PostgreSQL they would read as drift later); its
+    backfill run row stays as the record.
+    """
+    import dataclasses
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import redis as redis_client
+
+    from memshift.generate import generate_sessions
+    from memshift.migrate.backfill import runs
+    from memshift.migrate.parity import ParityOptions, ParityTotals, parity
+    from memshift.migrate.plan import load_plan
+
+    if sessions < 1:
+        raise ConfigError(f"--sessions must be at least 1, got {sessions}")
+    if kills < 0:
+        raise ConfigError(f"--kills must be 0 or more, got {kills}")
+    if not settings.redis_url or not settings.postgres_dsn:
+        raise ConfigError(
+            "the drill needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
+            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
+        )
+    token = secrets.token_hex(4)
+    prefix = f"{settings.prefix}-drill-{token}"
+    drill_settings = dataclasses.replace(settings, prefix=prefix)
+    rng = random.Random(seed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSHIFT_")}
+    env.update(MEMSHIFT_POSTGRES_DSN=settings.postgres_dsn, MEMSHIFT_REDIS_URL=settings.redis_url,
+               MEMSHIFT_LAYOUT=settings.layout, MEMSHIFT_PREFIX=prefix)
+    command = [sys.executable, "-m", "memshift", "backfill", "--prefix", prefix,
+               "--layout", settings.layout, "--batch-size", str(batch_size),
+               "--lease-seconds", str(lease_seconds), "--json"]
+
+    def run_of(conn: Any) -> Any:
+        found = [r for r in runs(conn, limit=100) if r.extra["prefix"] == prefix]
+        return found, (found[0].batches_done if found else 0)
+
+    figures: list[Figure] = []
+    ids: list[str] = []
+    raw = redis_client.Redis.from_url(settings.redis_url)
+    try:
+        with connect(settings.postgres_dsn) as conn:
+            plan_before = load_plan(conn)
+            with RedisStore(settings.redis_url, layout=settings.layout, prefix=prefix) as legacy:
+                for generated in generate_sessions(sessions, seed=rng.randrange(10**6),
+                                                   namespace=f"drill{token}"):
+                    generated.play(legacy)
+                    ids.append(generated.session_id)
+
+            killed = 0
+            for _ in range(kills):
+                _, done_before = run_of(conn)
+                child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+                deadline = time.monotonic() + timeout
+                while child.poll() is None and time.monotonic() < deadline:
+                    if run_of(conn)[1] > done_before:
+                        break  # it has copied at least one batch: kill it soon
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, 0.05))
+                if child.poll() is not None:
+                    break  # it finished before it could be killed
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+                killed += 1
+            time.sleep(lease_seconds + 0.2)  # the killed runs' leases run out
+            final = subprocess.run(command, env=env, capture_output=True, text=True,
+                                   timeout=timeout)
+            try:
+                report: dict[str, Any] = json.loads(final.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                report = {}
+            found, _ = run_of(conn)
+            plan_after = load_plan(conn)
+
+        with PostgresStore(settings.postgres_dsn, max_size=2) as truth, \
+                RedisStore(settings.redis_url, layout=settings.layout, prefix=prefix) as legacy:
+            redis_messages = pg_messages = pg_sessions = 0
+            for at in range(0, len(ids), 200):
+                chunk = ids[at : at + 200]
+                redis_messages += sum(len(r.state.messages) for r in legacy.read_sessions(chunk)
+                                      if r.state is not None)
+                held = [s for s in truth.load_sessions(chunk).values() if s is not None]
+                pg_sessions += len(held)
+                pg_messages += sum(len(s.messages) for s in held)
+        totals = ParityTotals()
+        for parity_report in parity(drill_settings, session_ids=ids,
+                                    options=ParityOptions(record=False)):
+            totals.add(parity_report)
+    finally:
+        # The drill's sessions are synthetic: once judged they are removed from both
+        # stores, or a later `memshift parity --all` would read them as drift (and the
+        # rollback rule could act on that). Its backfill run row stays as the record.
+        with connect(settings.postgres_dsn) as conn:
+            conn.execute(query("drill_forget"), {"ids": ids})
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + ":*"
+        keys = list(raw.scan_iter(match=pattern, count=1000))
+        for at in range(0, len(keys), 1000):
+            raw.delete(*keys[at : at + 1000])
+        raw.close()
+
+    def add(name: str, value: Any, expected: Any, ok: bool | None = None) -> None:
+        figures.append(Figure(name, value, expected, value == expected if ok is None else ok))
+
+    add("sessions", sessions, sessions)
+    add("kills", killed, kills)
+    add("sessions in PostgreSQL", pg_sessions, sessions)
+    add("messages in Redis", redis_messages, pg_messages, ok=redis_messages > 0)
+    add("messages in PostgreSQL", pg_messages, redis_messages)
+    for status in ("pass", "fail", "pending", "error"):
+        add(f"parity {status}", totals.counts[status], sessions if status == "pass" else 0)
+    add("backfill exit code", final.returncode, 0)
+    add("backfill runs", len(found), 1)
+    add("backfill run state", report.get("state"), "completed")
+    for count in ("sessions_seen", "sessions_done", "migrated"):
+        add(f"backfill {count.replace('_', ' ')}", report.get(count), sessions)
+    for count in ("quarantined", "vanished"):
+        add(f"backfill {count}", report.get(count), 0)
+    add("plan stage", str(plan_after.stage), str(plan_before.stage))
+    add("plan version", plan_after.version, plan_before.version)
+    return DrillReport("kill-backfill", prefix, tuple(ids), tuple(figures))

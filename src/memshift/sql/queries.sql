@@ -681,3 +681,18 @@ SELECT (SELECT count(*) FROM latest),
              WHERE latest.status = 'fail' AND c.ok = 'false'::jsonb
                AND c.name = ANY(%(critical)s::text[])
              GROUP BY c.name) AS failures)
+
+-- ---------------------------------------------------------------------------------
+-- Rehearsal drills.
+
+-- name: drill_forget
+-- A drill's synthetic sessions, removed from every table once judged.
+WITH ids AS (SELECT unnest(%(ids)s::text[]) AS session_id),
+m AS (DELETE FROM memshift.messages WHERE session_id IN (SELECT session_id FROM ids)),
+c AS (DELETE FROM memshift.message_conflicts
+       WHERE session_id IN (SELECT session_id FROM ids)),
+t AS (DELETE FROM memshift.tool_runs WHERE session_id IN (SELECT session_id FROM ids)),
+u AS (DELETE FROM memshift.summaries WHERE session_id IN (SELECT session_id FROM ids)),
+k AS (DELETE FROM memshift.checkpoints WHERE session_id IN (SELECT session_id FROM ids)),
+e AS (DELETE FROM memshift.events WHERE session_id IN (SELECT session_id FROM ids))
+DELETE FROM memshift.sessions WHERE session_id IN (SELECT session_id FROM ids)
