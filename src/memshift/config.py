@@ -103,6 +103,16 @@ def where_to_set(name: str) -> str:
     return f"--{name.replace('_', '-')}, ${_env_var(name)} or `{name}` in {CONFIG_FILENAME}"
 
 
+def require_stores(settings: Settings, job: str) -> tuple[str, str]:
+    """(redis_url, postgres_dsn) for a job that needs both; ConfigError naming what to set."""
+    if not settings.redis_url or not settings.postgres_dsn:
+        raise ConfigError(
+            f"{job} needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
+            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
+        )
+    return settings.redis_url, settings.postgres_dsn
+
+
 def describe(settings: Settings) -> dict[str, object]:
     """The settings as plain values fit for display or JSON, passwords replaced by ``***``."""
     return {

@@ -247,3 +247,13 @@ def test_wrongly_typed_secret_in_toml_is_not_echoed(tmp_path: Path) -> None:
     message = config_error()
 
     assert "expected a string, got list" in message and PASSWORD not in message
+
+
+def test_a_job_needing_both_stores_names_the_settings_to_set() -> None:
+    from memshift.config import Settings, require_stores
+    from memshift.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"backfill needs both stores.*MEMSHIFT_REDIS_URL"):
+        require_stores(Settings(postgres_dsn="postgresql://u:s3cr3t-pw@db/app"), "backfill")
+    both = Settings(redis_url="redis://localhost:6379/0", postgres_dsn="postgresql://db/app")
+    assert require_stores(both, "backfill") == ("redis://localhost:6379/0", "postgresql://db/app")

@@ -29,7 +29,7 @@ import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 
-from memshift.config import Settings
+from memshift.config import Settings, require_stores
 from memshift.errors import ConfigError, MemshiftError, SchemaError
 from memshift.migrate.bulk import merge_states
 from memshift.migrate.quarantine import Quarantined, record_quarantine
@@ -385,15 +385,12 @@ def retry_quarantine(settings: Settings, entry_ids: Sequence[int] | None = None)
     """Read quarantined sessions from Redis again; migrate those that are now valid."""
     from memshift.migrate.quarantine import entries, entry, resolve
 
-    if not settings.redis_url or not settings.postgres_dsn:
-        raise ConfigError(
-            "quarantine retry needs both stores: set --redis-url and --postgres-dsn"
-        )
+    redis_url, postgres_dsn = require_stores(settings, "quarantine retry")
     outcome = {"migrated": 0, "still_bad": 0, "vanished": 0}
     options = BackfillOptions(layout=settings.layout, prefix=settings.prefix)
     source = f"{options.layout}:{options.prefix}"
     layout = get_layout(options.layout, options.prefix)
-    with connect(settings.postgres_dsn) as conn, _redis(settings.redis_url, layout) as store:
+    with connect(postgres_dsn) as conn, _redis(redis_url, layout) as store:
         ids = list(entry_ids) if entry_ids else [e.id for e in entries(conn, limit=10**9)]
         for entry_id in ids:
             row = entry(conn, entry_id)
@@ -432,14 +429,10 @@ def backfill(
     summary once every batch is done.
     """
     options = options or BackfillOptions(layout=settings.layout, prefix=settings.prefix)
-    if not settings.redis_url or not settings.postgres_dsn:
-        raise ConfigError(
-            "backfill needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
-            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
-        )
+    redis_url, postgres_dsn = require_stores(settings, "backfill")
     layout = get_layout(options.layout, options.prefix)
-    with connect(settings.postgres_dsn) as conn, _redis(settings.redis_url, layout) as store:
-        run = start_or_join(conn, settings.redis_url, options)
+    with connect(postgres_dsn) as conn, _redis(redis_url, layout) as store:
+        run = start_or_join(conn, redis_url, options)
         log.info("backfill run %s (%s)", run.run_id, run.state)
         children = _spawn(settings, options, run) if options.workers > 1 else []
         try:

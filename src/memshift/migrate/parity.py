@@ -30,7 +30,7 @@ from typing import Any, Literal
 import psycopg
 from psycopg.types.json import Jsonb
 
-from memshift.config import Settings
+from memshift.config import Settings, require_stores
 from memshift.errors import ConfigError, MemshiftError
 from memshift.migrate.backfill import connect
 from memshift.model import LEGAL_TRANSITIONS, SessionState, now
@@ -388,14 +388,10 @@ def parity(
         raise ConfigError("give either session ids or a sample size, not both")
     if sample is not None and sample < 1:
         raise ConfigError(f"--sample must be at least 1, got {sample}")
-    if not settings.redis_url or not settings.postgres_dsn:
-        raise ConfigError(
-            "parity needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
-            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
-        )
-    with connect(settings.postgres_dsn) as conn, \
-            PostgresStore(settings.postgres_dsn, max_size=2) as truth, \
-            RedisStore(settings.redis_url, layout=settings.layout,
+    redis_url, postgres_dsn = require_stores(settings, "parity")
+    with connect(postgres_dsn) as conn, \
+            PostgresStore(postgres_dsn, max_size=2) as truth, \
+            RedisStore(redis_url, layout=settings.layout,
                        prefix=settings.prefix) as legacy:
         for batch in _batches(conn, truth, legacy, session_ids, sample, options.batch_size):
             reports = check_batch(legacy, truth, batch, options.settle_seconds)

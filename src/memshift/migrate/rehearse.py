@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from memshift.config import Settings
+from memshift.config import Settings, require_stores
 from memshift.errors import ConfigError, MemshiftError
 from memshift.migrate.backfill import connect
 from memshift.migrate.parity import Diff
@@ -191,14 +191,10 @@ def rehearse(
         raise ConfigError("rehearse needs either --sample N or session ids")
     if sample is not None and sample < 1:
         raise ConfigError(f"--sample must be at least 1, got {sample}")
-    if not settings.redis_url or not settings.postgres_dsn:
-        raise ConfigError(
-            "rehearse needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
-            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
-        )
-    with connect(settings.postgres_dsn) as conn, \
-            PostgresStore(settings.postgres_dsn, max_size=2) as truth, \
-            RedisStore(settings.redis_url, layout=settings.layout,
+    redis_url, postgres_dsn = require_stores(settings, "rehearse")
+    with connect(postgres_dsn) as conn, \
+            PostgresStore(postgres_dsn, max_size=2) as truth, \
+            RedisStore(redis_url, layout=settings.layout,
                        prefix=settings.prefix) as legacy:
         if session_ids is None:
             ids = [row[0] for row in conn.execute(query("parity_sample"), {"limit": sample})]
@@ -320,17 +316,13 @@ def drill_kill_backfill(
         raise ConfigError(f"--sessions must be at least 1, got {sessions}")
     if kills < 0:
         raise ConfigError(f"--kills must be 0 or more, got {kills}")
-    if not settings.redis_url or not settings.postgres_dsn:
-        raise ConfigError(
-            "the drill needs both stores: set --redis-url / MEMSHIFT_REDIS_URL and "
-            "--postgres-dsn / MEMSHIFT_POSTGRES_DSN"
-        )
+    redis_url, postgres_dsn = require_stores(settings, "the drill")
     token = secrets.token_hex(4)
     prefix = f"{settings.prefix}-drill-{token}"
     drill_settings = dataclasses.replace(settings, prefix=prefix)
     rng = random.Random(seed)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMSHIFT_")}
-    env.update(MEMSHIFT_POSTGRES_DSN=settings.postgres_dsn, MEMSHIFT_REDIS_URL=settings.redis_url,
+    env.update(MEMSHIFT_POSTGRES_DSN=postgres_dsn, MEMSHIFT_REDIS_URL=redis_url,
                MEMSHIFT_LAYOUT=settings.layout, MEMSHIFT_PREFIX=prefix)
     command = [sys.executable, "-m", "memshift", "backfill", "--prefix", prefix,
                "--layout", settings.layout, "--batch-size", str(batch_size),
@@ -342,11 +334,11 @@ def drill_kill_backfill(
 
     figures: list[Figure] = []
     ids: list[str] = []
-    raw = redis_client.Redis.from_url(settings.redis_url)
+    raw = redis_client.Redis.from_url(redis_url)
     try:
-        with connect(settings.postgres_dsn) as conn:
+        with connect(postgres_dsn) as conn:
             plan_before = load_plan(conn)
-            with RedisStore(settings.redis_url, layout=settings.layout, prefix=prefix) as legacy:
+            with RedisStore(redis_url, layout=settings.layout, prefix=prefix) as legacy:
                 for generated in generate_sessions(sessions, seed=rng.randrange(10**6),
                                                    namespace=f"drill{token}"):
                     generated.play(legacy)
@@ -378,8 +370,8 @@ def drill_kill_backfill(
             found, _ = run_of(conn)
             plan_after = load_plan(conn)
 
-        with PostgresStore(settings.postgres_dsn, max_size=2) as truth, \
-                RedisStore(settings.redis_url, layout=settings.layout, prefix=prefix) as legacy:
+        with PostgresStore(postgres_dsn, max_size=2) as truth, \
+                RedisStore(redis_url, layout=settings.layout, prefix=prefix) as legacy:
             redis_messages = pg_messages = pg_sessions = 0
             for at in range(0, len(ids), 200):
                 chunk = ids[at : at + 200]
@@ -396,7 +388,7 @@ def drill_kill_backfill(
         # The drill's sessions are synthetic: once judged they are removed from both
         # stores, or a later `memshift parity --all` would read them as drift (and the
         # rollback rule could act on that). Its backfill run row stays as the record.
-        with connect(settings.postgres_dsn) as conn:
+        with connect(postgres_dsn) as conn:
             conn.execute(query("drill_forget"), {"ids": ids})
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + ":*"
         keys = list(raw.scan_iter(match=pattern, count=1000))

@@ -24,8 +24,8 @@ from typing import Any
 
 import psycopg
 
-from memshift.config import Settings
-from memshift.errors import ConfigError, MemshiftError, StoreUnavailable
+from memshift.config import Settings, require_stores
+from memshift.errors import MemshiftError, StoreUnavailable
 from memshift.migrate import spool
 from memshift.migrate.backfill import connect
 from memshift.migrate.bulk import merge_states
@@ -89,18 +89,14 @@ def repair(
     settings: Settings, *, limit: int | None = None, spool_path: Path | None = None
 ) -> RepairSummary:
     """Move the spool into the queue, then repair up to ``limit`` sessions (all if None)."""
-    if not settings.postgres_dsn or not settings.redis_url:
-        raise ConfigError(
-            "repair needs both stores: give --postgres-dsn and --redis-url (or "
-            "MEMSHIFT_POSTGRES_DSN and MEMSHIFT_REDIS_URL)"
-        )
+    redis_url, postgres_dsn = require_stores(settings, "repair")
     started = time.monotonic()
     summary = RepairSummary()
     path = spool_path if spool_path is not None else settings.data_dir / "repair.spool"
-    redis_store = RedisStore(settings.redis_url, layout=settings.layout, prefix=settings.prefix,
+    redis_store = RedisStore(redis_url, layout=settings.layout, prefix=settings.prefix,
                              ttl_seconds=settings.ttl_seconds)
-    with connect(settings.postgres_dsn) as conn, redis_store, PostgresStore(
-        settings.postgres_dsn, min_size=1, max_size=2
+    with connect(postgres_dsn) as conn, redis_store, PostgresStore(
+        postgres_dsn, min_size=1, max_size=2
     ) as pg_store:
         summary.moved_from_spool = spool.drain(path, lambda entries: _enqueue(conn, entries))
         row = conn.execute("SELECT clock_timestamp()").fetchone()
