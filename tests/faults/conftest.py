@@ -1,4 +1,4 @@
-"""Outage tests through ``tests.faults.proxy.FaultProxy``."""
+"""Outage tests through ``memshift.faults.proxy.FaultProxy``."""
 
 from __future__ import annotations
 

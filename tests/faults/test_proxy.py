@@ -14,7 +14,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.faults.proxy import FaultProxy
+from memshift.faults.proxy import FaultProxy
 
 pytestmark = pytest.mark.faults
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
+from memshift.faults.proxy import FaultProxy
 from memshift.migrate.plan import StaticPlan
 from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
-from tests.faults.proxy import FaultProxy
 from tests.integration.test_router import message, plan_at, session
 
 pytestmark = pytest.mark.faults

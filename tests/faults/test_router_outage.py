@@ -11,6 +11,7 @@ import psycopg
 import pytest
 
 from memshift.config import Settings
+from memshift.faults.proxy import FaultProxy
 from memshift.migrate import spool
 from memshift.migrate.plan import PlanWatcher, Stage, StaticPlan, set_slice, set_stage
 from memshift.migrate.repair import repair
@@ -18,11 +19,6 @@ from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
 from tests.integration.test_router import assert_stores_agree, message, plan_at, session
-
-proxy_module = pytest.importorskip(
-    "tests.faults.proxy", reason="the TCP fault proxy (tests/faults/proxy.py) is not there yet"
-)
-FaultProxy = proxy_module.FaultProxy
 
 pytestmark = pytest.mark.faults
 
