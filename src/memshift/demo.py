@@ -3,17 +3,30 @@
 The demo starts embedded servers when none are given and runs a whole staged
 migration on generated agent sessions while traffic keeps flowing: the legacy app
 writes to Redis; the app swaps in the MigratingStore; the Plan moves through
-dual_write, shadow (after the backfill), cutover (slice by slice) and pg_primary.
-Then it shows what each store holds and whether both would resume every session
-the same way.
+dual_write (with the backfill), shadow, cutover (a read slice at 10 %, 50 % and
+100 %), pg_primary and retired, with a parity run at each step. During cutover it
+injects one drift (a session's latest checkpoint lost in PostgreSQL), and the
+rollback rule, enforced as `memshift watch` does, moves the slice back to Redis;
+the session is repaired and a person re-advances. It ends with a table of every
+step: sessions, messages, parity, rollbacks, time, and whether it passed.
+
+Its metrics (the router's and the control plane's) are in ``observe.metrics.REGISTRY``;
+``metrics_port`` serves them, and ``dashboard=True`` keeps the web dashboard open at
+the end (it serves them at /metrics too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import logging
+import os
 import random
+import secrets
 import threading
 import time
-from dataclasses import replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +40,25 @@ from memshift.config import Settings
 from memshift.errors import ConfigError, MemshiftError
 from memshift.generate import GeneratedSession, generate_sessions
 from memshift.migrate.backfill import BackfillOptions, backfill
+from memshift.migrate.backfill import Summary as BackfillSummary
 from memshift.migrate.parity import ParityTotals, parity
-from memshift.migrate.plan import PlanWatcher, Stage, load_plan, set_slice, set_stage
+from memshift.migrate.plan import (
+    PARITY_WINDOW,
+    GateRefused,
+    PlanWatcher,
+    Stage,
+    load_plan,
+    set_slice,
+    set_stage,
+)
 from memshift.migrate.repair import repair
+from memshift.migrate.rule import Firing, set_rule, watch
 from memshift.model import Message, SessionState, ToolRun, now
+from memshift.observe import metrics
 from memshift.observe.progress import progress
 from memshift.redact import redact
 from memshift.sql.migrations import upgrade
+from memshift.sql.queries import query
 from memshift.stores.layouts import get_layout
 from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
@@ -83,53 +108,161 @@ def generate_into_redis(
     return {"sessions": count, "messages": messages}
 
 
+# The read path the demo's traffic uses, and its cutover slices, in order.
+READ_PATH = "resume"
+SLICES = (10.0, 50.0, 100.0)
+# The slice at which one session's PostgreSQL copy is corrupted (a lost write).
+DRIFT_AT = 50.0
+# A share of shadow and cutover reads compared live, so the dashboard shows some.
+LIVE_SAMPLE_RATE = 0.05
+WHO = "memshift demo"
+
+
 def run_demo(
-    settings: Settings, *, sessions: int, seed: int, console: Console, quiet: bool
+    settings: Settings, *, sessions: int, seed: int, console: Console, quiet: bool,
+    step_seconds: float = 0.5, metrics_port: int | None = None, dashboard: bool = False,
+    dashboard_host: str = "127.0.0.1", dashboard_port: int = 8765,
 ) -> dict[str, Any]:
     """A whole staged migration on generated sessions while traffic keeps flowing.
 
     Half of the sessions are written by the legacy app alone (``redis_only``); then
     the app swaps in the MigratingStore and the Plan moves ``dual_write → shadow →
-    cutover → pg_primary`` while a traffic thread keeps writing through the router, and
-    the backfill copies what Redis held before.
+    cutover (10 %, 50 %, 100 %) → pg_primary → retired`` while a traffic thread keeps
+    writing and reading through the router, the backfill copies what Redis held
+    before, and the rollback rule is enforced in the background. Each step lets the
+    traffic run ``step_seconds`` and ends with a parity run. The report's ``steps``
+    say what each step did and whether it passed; ``passed`` is all of them.
+
+    ``metrics_port`` serves the metrics on loopback while it runs; ``dashboard``
+    keeps the web dashboard open at the end, until Ctrl-C.
     """
+    if step_seconds < 0:
+        raise ConfigError(f"step_seconds must be 0 or more, got {step_seconds}")
+    serve_dashboard = _dashboard_server() if dashboard else None
     say = (lambda *a, **k: None) if quiet else console.print
     with embedded.servers(settings) as (postgres_dsn, redis_url, started):
         for server in started:
             say(f"[dim]started embedded {server.kind} at {redact(server.url)}[/]")
         applied = upgrade(postgres_dsn)
         say(f"schema memshift: {len(applied)} migration(s) applied")
-        with psycopg.connect(postgres_dsn, autocommit=True) as conn:
-            stage = load_plan(conn).stage
-            if stage is not Stage.REDIS_ONLY and any(s.kind == "postgres" for s in started):
-                # The embedded servers are the demo's own: a second run starts over.
-                set_stage(conn, Stage.REDIS_ONLY, "the demo starts over", force=True,
-                          who="memshift demo")
-            elif stage is not Stage.REDIS_ONLY:
-                raise ConfigError(
-                    "the demo moves the Plan from redis_only to pg_primary, but this "
-                    f"database's Plan is at {stage}; run the demo on a scratch database, "
-                    "or with no --postgres-dsn (embedded servers)"
-                )
-            demo = _Demo(settings, postgres_dsn, redis_url, conn, console, quiet)
+        metrics.install_state_collector(postgres_dsn)
+        if metrics_port is not None:
+            metrics.serve(metrics_port)
+            say(f"metrics at http://127.0.0.1:{metrics_port}/metrics")
+        with psycopg.connect(postgres_dsn, autocommit=True) as conn, _rule_said_by_demo():
+            _start_over(conn, started)
+            demo = _Demo(settings, postgres_dsn, redis_url, conn, console, quiet, step_seconds)
             try:
                 report = demo.run(sessions, seed)
             finally:
                 demo.close()
-    if not quiet:
-        _show(console, report)
+        if not quiet:
+            _show(console, report)
+        if serve_dashboard is not None:
+            _keep_dashboard_open(serve_dashboard, demo.settings, dashboard_host, dashboard_port,
+                                 console)
     return report
+
+
+@contextlib.contextmanager
+def _rule_said_by_demo() -> Iterator[None]:
+    """The demo tells of the rule's firings in its own lines: keep the rule's log
+    warning (which `memshift watch` shows an operator) from printing among them."""
+    logger = logging.getLogger("memshift.rule")
+    quiet = logging.NullHandler()
+    logger.addHandler(quiet)
+    propagate, logger.propagate = logger.propagate, False
+    try:
+        yield
+    finally:
+        logger.removeHandler(quiet)
+        logger.propagate = propagate
+
+
+def _start_over(conn: psycopg.Connection[Any], started: Sequence[embedded.EmbeddedServer]) -> None:
+    stage = load_plan(conn).stage
+    if stage is not Stage.REDIS_ONLY and any(s.kind == "postgres" for s in started):
+        # The embedded servers are the demo's own: a second run starts over.
+        set_stage(conn, Stage.REDIS_ONLY, "the demo starts over", force=True, who=WHO)
+    elif stage is not Stage.REDIS_ONLY:
+        raise ConfigError(
+            "the demo moves the Plan from redis_only to retired, but this database's Plan "
+            f"is at {stage}; run the demo on a scratch database, or with no --postgres-dsn "
+            "(embedded servers)"
+        )
+
+
+DashboardServer = Callable[[Settings, str, int, str], None]
+
+
+def _dashboard_server() -> DashboardServer:
+    """The web dashboard's entry point, checked before the demo runs, not after."""
+    how = ("reinstall memshift with its dependencies (starlette, jinja2, uvicorn), or run "
+           "the demo without --dashboard")
+    try:
+        from memshift.web import serve_dashboard
+    except ImportError as exc:
+        raise ConfigError(f"--dashboard needs the web dashboard, which cannot be imported "
+                          f"here ({exc}); {how}") from None
+    if importlib.util.find_spec("uvicorn") is None:
+        raise ConfigError(f"--dashboard needs uvicorn to serve the dashboard; {how}")
+    return serve_dashboard
+
+
+def _keep_dashboard_open(
+    serve_dashboard: DashboardServer, settings: Settings, host: str, port: int,
+    console: Console,
+) -> None:
+    from memshift.web import TOKEN_ENV
+
+    token = os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
+    console.print(f"dashboard at [bold]http://{host}:{port}/[/] (metrics at /metrics); "
+                  "press Ctrl-C to stop it and the demo's servers")
+    if TOKEN_ENV not in os.environ:
+        console.print(f"log in with the token [bold]{token}[/] (shown once; set {TOKEN_ENV} "
+                      "to choose it)")
+    serve_dashboard(settings, host, port, token)
+
+
+@dataclass
+class Step:
+    """One step of the demo, as its final table shows it."""
+
+    name: str
+    stage: str = ""
+    seconds: float = 0.0
+    sessions: int = 0  # in PostgreSQL at the end of the step
+    messages: int = 0
+    parity: dict[str, int] = field(default_factory=dict)  # status -> sessions
+    rollbacks: int = 0  # by the rollback rule, during the step
+    passed: bool = False
+    note: str = ""
+
+    def add(self, totals: ParityTotals) -> ParityTotals:
+        for status, n in totals.counts.items():
+            self.parity[status] = self.parity.get(status, 0) + n
+        return totals
+
+    def clean(self, totals: ParityTotals) -> bool:
+        """No session failed or could not be read (pending ones were in flight)."""
+        return totals.counts["fail"] == 0 and totals.counts["error"] == 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "stage": self.stage, "seconds": round(self.seconds, 2),
+                "sessions": self.sessions, "messages": self.messages, "parity": self.parity,
+                "rollbacks": self.rollbacks, "passed": self.passed, "note": self.note}
 
 
 class _Demo:
     def __init__(
         self, settings: Settings, postgres_dsn: str, redis_url: str,
-        conn: psycopg.Connection[Any], console: Console, quiet: bool,
+        conn: psycopg.Connection[Any], console: Console, quiet: bool, step_seconds: float,
     ) -> None:
         self.settings = replace(settings, postgres_dsn=postgres_dsn, redis_url=redis_url)
         self.conn = conn
         self.console = console
         self.quiet = quiet
+        self.step_seconds = step_seconds
         self.client = redis.Redis.from_url(redis_url)
         self.legacy = RedisStore(self.client, layout=settings.layout, prefix=settings.prefix,
                                  ttl_seconds=settings.ttl_seconds)
@@ -141,9 +274,18 @@ class _Demo:
             self.watcher,
             spool_path=Path(settings.data_dir) / "repair.spool",
         )
+        self.steps: list[Step] = []
+        self.traffic: _Traffic | None = None  # the app's traffic through the router
+        self.firings: list[Firing] = []  # the rollback rule's, as `memshift watch` heard them
+        self._rule_stop = threading.Event()
+        self._rule = threading.Thread(target=self._enforce_rule, name="memshift-demo-watch",
+                                      daemon=True)
         self.started = time.perf_counter()
 
     def close(self) -> None:
+        self._rule_stop.set()
+        if self._rule.is_alive():
+            self._rule.join(timeout=10)
         self.router.close()
         self.watcher.close()
         self.legacy.close()
@@ -155,8 +297,26 @@ class _Demo:
             elapsed = time.perf_counter() - self.started
             self.console.print(f"[dim]{elapsed:6.1f}s[/] {text}")
 
+    # -- the steps ----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[Step]:
+        """Time a step and, at its end, count what PostgreSQL holds and the rule did."""
+        current = Step(name)
+        fired = len(self.firings)
+        began = time.perf_counter()
+        yield current
+        current.seconds = time.perf_counter() - began
+        current.stage = str(load_plan(self.conn).stage)
+        row = self.conn.execute(query("demo_totals")).fetchone()
+        current.sessions, current.messages = row if row else (0, 0)
+        current.rollbacks = len(self.firings) - fired
+        self.steps.append(current)
+        mark = "[green]passed[/]" if current.passed else "[red]FAILED[/]"
+        self.say(f"{mark} {name}: {current.note}")
+
     def stage(self, target: Stage, why: str) -> None:
-        plan = set_stage(self.conn, target, why, who="memshift demo")
+        plan = set_stage(self.conn, target, why, who=WHO)
         primary, secondary = plan.writes()
         self.say(f"stage [bold]{plan.stage}[/]: writes to {primary}"
                  + (f" then {secondary}" if secondary else "") + f" — {why}")
@@ -166,19 +326,56 @@ class _Demo:
         generated = list(generate_sessions(count, seed=seed, namespace=f"demo{int(time.time())}"))
         split = max(count // 2, 1)
         legacy_half, live_half = generated[:split], generated[split:]
-        with progress(self.console, self.quiet) as bar:
+        ids = [g.session_id for g in generated]
+        self.redis_only(legacy_half)
+        self._rule.start()
+        traffic = self.traffic = _Traffic(self.router, [g.session_id for g in legacy_half])
+        try:
+            summary = self.dual_write(live_half, ids, traffic)
+            self.shadow(ids)
+            self.cutover(ids, live_half or legacy_half)
+            checked = self.pg_primary(ids)
+        finally:
+            traffic.stop()
+        repaired = repair(self.settings, spool_path=self.router.spool_path)
+        self.say(f"traffic: {traffic.writes:,} writes and {traffic.reads:,} reads during the "
+                 f"migration, {traffic.failures} failed; "
+                 f"{repaired.sessions_repaired} session(s) repaired")
+        report = _compare(self.legacy, self.truth, ids)
+        self.retired(ids, [g.session_id for g in legacy_half])
+        report.update(
+            seconds=round(time.perf_counter() - self.started, 2),
+            stage=str(load_plan(self.conn).stage),
+            traffic={"writes": traffic.writes, "reads": traffic.reads,
+                     "failed": traffic.failures},
+            backfill=summary.as_json(),
+            parity=checked.as_json(),
+            steps=[s.as_json() for s in self.steps],
+            rollbacks={"by_rule": len(self.firings),
+                       "read_paths": [f.read_path for f in self.firings]},
+            passed=all(s.passed for s in self.steps),
+        )
+        return report
+
+    def redis_only(self, legacy_half: list[GeneratedSession]) -> None:
+        with self.step("redis_only: the legacy app") as step, \
+                progress(self.console, self.quiet) as bar:
             task = bar.add_task("legacy app writes to Redis", total=len(legacy_half), rate="")
             for item in legacy_half:
                 item.play(self.legacy)
                 legacy_housekeeping(self.client, self.settings.prefix, item)
                 bar.advance(task)
-        self.say(f"redis_only: the legacy app wrote {len(legacy_half)} sessions "
-                 "(long transcripts trimmed, some with a TTL)")
+            held = sum(self.legacy.load_session(g.session_id) is not None for g in legacy_half)
+            step.passed = held == len(legacy_half)
+            step.note = (f"the legacy app wrote {len(legacy_half)} sessions to Redis (long "
+                         f"transcripts trimmed, some with a TTL); {held} readable")
 
-        self.stage(Stage.DUAL_WRITE, "the app now writes through MigratingStore")
-        traffic = _Traffic(self.router, [g.session_id for g in legacy_half])
-        traffic.start()
-        try:
+    def dual_write(
+        self, live_half: list[GeneratedSession], ids: list[str], traffic: _Traffic
+    ) -> BackfillSummary:
+        with self.step("dual_write + backfill") as step:
+            self.stage(Stage.DUAL_WRITE, "the app now writes through MigratingStore")
+            traffic.start()
             for item in live_half:
                 item.play(self.router)
             self.say(f"dual_write: {len(live_half)} new sessions written through the router")
@@ -187,46 +384,198 @@ class _Demo:
             self.say(f"backfill run {summary.run_id}: {summary.migrated} migrated, "
                      f"{summary.unchanged} unchanged, {summary.quarantined} quarantined, "
                      f"{summary.messages:,} messages in {summary.seconds:.1f} s")
-            self.stage(Stage.SHADOW, "backfill complete")
-            checked = self.parity()
-            self.stage(Stage.CUTOVER, "start reading from PostgreSQL, slice by slice")
-            for percent in (10, 50, 100):
-                set_slice(self.conn, "resume", percent, f"resume {percent} %",
-                          who="memshift demo")
-                traffic.sources()
-                time.sleep(0.4)
-                served = traffic.sources()
-                self.say(f"slice resume at {percent} %: reads served by "
-                         + ", ".join(f"{k} {v}" for k, v in sorted(served.items())))
-            self.stage(Stage.PG_PRIMARY, "PostgreSQL is the truth; Redis follows")
-            time.sleep(0.5)
-        finally:
-            traffic.stop()
-        repaired = repair(self.settings, spool_path=self.router.spool_path)
-        self.say(f"traffic: {traffic.writes:,} writes and {traffic.reads:,} reads during the "
-                 f"migration, {traffic.failures} failed; "
-                 f"{repaired.sessions_repaired} session(s) repaired")
-        report = _compare(self.legacy, self.truth, [g.session_id for g in generated])
-        report.update(
-            seconds=round(time.perf_counter() - self.started, 2),
-            stage=str(load_plan(self.conn).stage),
-            traffic={"writes": traffic.writes, "reads": traffic.reads,
-                     "failed": traffic.failures},
-            backfill=summary.as_json(),
-            parity=checked.as_json(),
-        )
-        return report
+            totals = step.add(self.parity(ids))
+            step.passed = (summary.state == "completed" and step.clean(totals)
+                           and traffic.failures == 0)
+            step.note = (f"backfill {summary.state}: {summary.migrated} migrated, "
+                         f"{summary.quarantined} quarantined; parity {_counts(totals)}")
+        return summary
 
-    def parity(self) -> ParityTotals:
-        """`memshift parity --all` while traffic flows: the gate to cutover reads it."""
-        totals = ParityTotals()
-        for report in parity(self.settings):
-            totals.add(report)
-        counts = totals.counts
-        self.say(f"parity of {totals.checked} sessions under live traffic: {counts['pass']} "
-                 f"pass, {counts['fail']} fail, {counts['pending']} pending (written during "
-                 f"the check), {counts['error']} error; drift rate {totals.drift_rate:.2%}")
+    def shadow(self, ids: list[str]) -> None:
+        with self.step("shadow") as step:
+            set_rule(self.conn, "the demo compares a share of reads live",
+                     shadow_sample_rate=LIVE_SAMPLE_RATE, who=WHO)
+            self.stage(Stage.SHADOW, "backfill complete")
+            self.traffic_runs()
+            totals = step.add(self.parity(ids))
+            step.passed = step.clean(totals)
+            step.note = (f"Redis serves, {LIVE_SAMPLE_RATE:.0%} of reads compared live; "
+                         f"parity {_counts(totals)}")
+
+    def cutover(self, ids: list[str], candidates: list[GeneratedSession]) -> None:
+        self.stage(Stage.CUTOVER, "start reading from PostgreSQL, slice by slice")
+        for percent in SLICES:
+            with self.step(f"cutover {percent:g} %") as step:
+                fired = len(self.firings)
+                served = self.slice(percent, f"{READ_PATH} {percent:g} %")
+                totals = step.add(self.parity(ids))
+                step.passed = step.clean(totals) and len(self.firings) == fired
+                step.note = f"reads served by {_served(served)}; parity {_counts(totals)}"
+            if percent == DRIFT_AT:
+                self.drift_and_rollback(candidates, percent)
+
+    def drift_and_rollback(self, candidates: list[GeneratedSession], percent: float) -> None:
+        """A lost write in PostgreSQL: parity finds it, the rule moves the slice back, the
+        session is repaired, and a person re-advances the slice."""
+        with self.step(f"cutover {percent:g} %: drift → rollback → repair") as step:
+            victim = self.inject_drift(candidates)
+            before = len(self.firings)
+            found = step.add(self.parity([victim]))
+            fired = self.fired_since(before, wait=10.0)
+            served = self.traffic_runs()
+            self.say(f"reads of {READ_PATH!r} after the rollback: {_served(served)}")
+            self.conn.execute(query("repair_enqueue"), {
+                "session_id": victim, "target": "postgres", "operation": "demo: lost write",
+                "error": "parity found PostgreSQL behind Redis", "enqueued_at": now(),
+                "spool_id": None,
+            })
+            repaired = repair(self.settings, spool_path=self.router.spool_path)
+            after = step.add(self.parity([victim]))
+            self.say(f"repair copied {repaired.sessions_repaired} session(s) from Redis: "
+                     f"parity of {victim} now {_counts(after)}")
+            again = self.slice(percent, "drift repaired: a person re-advances the slice")
+            step.passed = (found.counts["fail"] == 1 and fired is not None
+                           and len(self.firings) == before + 1
+                           and after.counts["pass"] == 1 and "postgres" not in served)
+            step.note = ("one checkpoint lost in PostgreSQL; "
+                         + (f"the rule fired: {fired.why()}" if fired else "the rule did NOT fire")
+                         + f"; repaired; re-advanced to {percent:g} %: {_served(again)}")
+
+    def pg_primary(self, ids: list[str]) -> ParityTotals:
+        with self.step("pg_primary") as step:
+            repair(self.settings, spool_path=self.router.spool_path)  # the gate: queue empty
+            extra = self.advance(Stage.PG_PRIMARY, "PostgreSQL is the truth; Redis follows")
+            self.traffic_runs()
+            totals = step.add(self.parity(ids))
+            step.passed = step.clean(totals)
+            step.note = (f"PostgreSQL primary, Redis secondary; parity {_counts(totals)}"
+                         + (f" ({extra} more parity run(s) to refill the gate's window)"
+                            if extra else ""))
         return totals
+
+    def retired(self, ids: list[str], traffic_ids: list[str]) -> None:
+        """Redis only caches: reads through the router must agree with PostgreSQL."""
+        with self.step("retired") as step:
+            self.advance(Stage.RETIRED, "Redis is a cache in front of PostgreSQL now")
+            traffic = _Traffic(self.router, traffic_ids)
+            traffic.start()
+            try:
+                served = self.traffic_runs(traffic)
+            finally:
+                traffic.stop()
+            # Each session read twice through the router: the first read fills the cache,
+            # the second is served by it; both must show what PostgreSQL holds.
+            agree, second = 0, dict.fromkeys(("cache", "postgres", "redis"), 0)
+            for sid in ids:
+                truth = self.truth.load_session(sid)
+                first, again = (self.router.read(sid, READ_PATH) for _ in range(2))
+                second[again.source] += 1
+                agree += _same(first.state, truth) and _same(again.state, truth)
+            step.parity = {"pass": agree, "fail": len(ids) - agree}
+            step.passed = (agree == len(ids) and traffic.failures == 0
+                           and set(served) <= {"cache", "postgres"} and second["redis"] == 0)
+            step.note = (f"traffic's reads served by {_served(served)}; {agree}/{len(ids)} "
+                         "sessions read twice through the router agree with PostgreSQL "
+                         f"(second reads: {_served({k: v for k, v in second.items() if v})})")
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def slice(self, percent: float, why: str) -> dict[str, int]:
+        set_slice(self.conn, READ_PATH, percent, why, who=WHO)
+        served = self.traffic_runs()
+        self.say(f"slice {READ_PATH} at {percent:g} %: reads served by {_served(served)}")
+        return served
+
+    def traffic_runs(self, traffic: _Traffic | None = None) -> dict[str, int]:
+        """Let the traffic run a while under the Plan just set; where its reads went."""
+        traffic = traffic or self.traffic
+        if traffic is None:
+            return {}
+        traffic.sources()
+        time.sleep(max(self.step_seconds, 0.3))  # the watcher hears the change (NOTIFY)
+        return traffic.sources()
+
+    def advance(self, target: Stage, why: str) -> int:
+        """Move forward. When the parity gate refuses only because the repaired drift is
+        still in its window, do what its message says: run parity again (while every
+        run passes) until the window holds enough fresh evidence. Returns the runs."""
+        runs = 0
+        while True:
+            try:
+                self.stage(target, why)
+                return runs
+            except GateRefused as refused:
+                if "parity" not in str(refused) or runs >= PARITY_WINDOW:
+                    raise
+                if runs == 0:
+                    self.say(f"[yellow]gate[/]: {refused}")
+                totals = self.parity(None, quiet=True)
+                runs += 1
+                if totals.counts["fail"] or totals.counts["error"]:
+                    raise  # real drift: the demo stops, as a person would
+
+    def inject_drift(self, candidates: list[GeneratedSession]) -> str:
+        """Lose one session's latest checkpoint in PostgreSQL (a write that never came)."""
+        for item in candidates:
+            row = self.conn.execute(query("demo_drop_latest_checkpoint"),
+                                    {"session_id": item.session_id}).fetchone()
+            if row is not None:
+                self.say(f"[red]drift[/]: checkpoint {row[0]} of session {item.session_id} "
+                         "deleted from PostgreSQL with raw SQL")
+                return item.session_id
+        raise MemshiftError("the demo found no session with a checkpoint to corrupt")
+
+    def fired_since(self, seen: int, wait: float) -> Firing | None:
+        """The rule's first firing on the read path after the first ``seen`` firings,
+        waiting up to ``wait`` seconds for it."""
+        deadline = time.monotonic() + wait
+        while True:
+            for firing in self.firings[seen:]:
+                if firing.read_path == READ_PATH:
+                    plan = load_plan(self.conn)
+                    self.say(f"[red]rollback[/] by the rule: {firing.why()}; slice {READ_PATH} "
+                             f"now at {plan.slices[READ_PATH].percent:g} % "
+                             f"(Plan version {plan.version})")
+                    return firing
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def _enforce_rule(self) -> None:
+        """`memshift watch` in a thread: it enforces the rollback rule every 0.2 s."""
+        try:
+            watch(self.settings, interval=0.2, stop=self._rule_stop, on_pass=self.firings.extend)
+        except MemshiftError as exc:  # the steps will say the rule did not fire
+            self.say(f"[red]the rollback rule stopped[/]: {exc}")
+
+    def parity(self, ids: list[str] | None, *, quiet: bool = False) -> ParityTotals:
+        """`memshift parity` of these sessions (all when None) while traffic flows."""
+        totals = ParityTotals()
+        for report in parity(self.settings, session_ids=ids):
+            totals.add(report)
+        if not quiet:
+            self.say(f"parity of {totals.checked} session(s) under live traffic: "
+                     f"{_counts(totals)}; drift rate {totals.drift_rate:.2%}")
+        return totals
+
+
+def _same(seen: SessionState | None, truth: SessionState | None) -> bool:
+    if seen is None or truth is None:
+        return seen is truth
+    return _resume_view(seen) == _resume_view(truth)
+
+
+def _counts(totals: ParityTotals) -> str:
+    counts = totals.counts
+    text = f"{counts['pass']} pass"
+    for status in ("fail", "pending", "error"):
+        if counts[status]:
+            text += f", {counts[status]} {status}"
+    return text
+
+
+def _served(served: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(served.items())) or "no reads"
 
 
 class _Traffic(threading.Thread):
@@ -343,3 +692,22 @@ def _show(console: Console, report: dict[str, Any]) -> None:
         "(status, message count and tail, tool retry state, summary version, checkpoint) "
         f"— {report['seconds']} s"
     )
+    _show_steps(console, report)
+
+
+def _show_steps(console: Console, report: dict[str, Any]) -> None:
+    table = Table("step", "stage", "sessions in PG", "messages in PG", "parity", "rollbacks",
+                  "seconds", "passed", title="The migration, step by step")
+    for step in report["steps"]:
+        counts = step["parity"]
+        checked = (", ".join(f"{n} {status}" for status, n in counts.items() if n)
+                   if counts else "—")
+        table.add_row(step["name"], step["stage"], f"{step['sessions']:,}",
+                      f"{step['messages']:,}", checked, str(step["rollbacks"]),
+                      f"{step['seconds']:.1f}",
+                      "[green]passed[/]" if step["passed"] else "[red]FAILED[/]")
+    console.print(table)
+    rollbacks = report["rollbacks"]["by_rule"]
+    verdict = "[green]every step passed[/]" if report["passed"] else "[red]a step failed[/]"
+    console.print(f"{verdict}; {rollbacks} rollback(s) by the rollback rule; "
+                  f"final stage {report['stage']} — {report['seconds']} s in all")

@@ -97,12 +97,30 @@ def test_demo_runs_a_staged_migration_under_traffic_and_every_session_agrees(
 ) -> None:
     result = memshift(
         "--postgres-dsn", pg_dsn, "--redis-url", redis_url, "--prefix", redis_prefix,
-        "demo", "-n", "16", "--json",
+        "demo", "-n", "16", "--step-seconds", "0.3", "--json",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["resume_state_agrees"] == report["sessions"] == 16
-    assert report["stage"] == "pg_primary"
+    assert report["stage"] == "retired"
+    # The final table: every stage walked, each step passed, one rollback by the rule.
+    steps = report["steps"]
+    assert [s["stage"] for s in steps] == [
+        "redis_only", "dual_write", "shadow", "cutover", "cutover", "cutover", "cutover",
+        "pg_primary", "retired"]
+    assert [s["name"] for s in steps if s["stage"] == "cutover"] == [
+        "cutover 10 %", "cutover 50 %", "cutover 50 %: drift → rollback → repair",
+        "cutover 100 %"]
+    assert all(s["passed"] for s in steps), [s for s in steps if not s["passed"]]
+    assert report["passed"] is True
+    assert report["rollbacks"] == {"by_rule": 1, "read_paths": ["resume"]}
+    assert [s["rollbacks"] for s in steps] == [0, 0, 0, 0, 0, 1, 0, 0, 0]
+    drift = steps[5]
+    assert drift["parity"] == {"pass": 1, "fail": 1, "pending": 0, "error": 0}
+    assert all(s["parity"].get("fail", 0) == 0 for s in steps if s is not drift)
+    # Sessions written during a check are pending (judged again later), never failed.
+    assert all(s["parity"]["pass"] + s["parity"].get("pending", 0) == 16
+               for s in steps[1:] if s is not drift)
     assert report["traffic"]["writes"] > 0 and report["traffic"]["failed"] == 0
     assert report["backfill"]["state"] == "completed"
     stores = report["stores"]
@@ -120,9 +138,15 @@ def test_the_demo_refuses_to_move_a_plan_that_is_not_its_own(
 
 
 def test_demo_with_no_servers_given_runs_on_embedded_ones(tmp_path: Path) -> None:
-    result = memshift("demo", "-n", "5", "--json", cwd=tmp_path)
+    result = memshift("demo", "-n", "5", "--step-seconds", "0", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["resume_state_agrees"] == 5
+    assert "5/5 sessions resume the same from both stores" in result.stdout
+    table = result.stdout[result.stdout.index("The migration, step by step"):]
+    for stage in ("redis_only", "dual_write", "shadow", "cutover 10 %", "cutover 50 %",
+                  "drift → rollback → repair", "cutover 100 %", "pg_primary", "retired"):
+        row = next(line for line in table.splitlines() if stage in line)
+        assert "passed" in row and "FAILED" not in row, row
+    assert "every step passed; 1 rollback(s) by the rollback rule" in result.stdout
     assert (tmp_path / ".memshift" / "pgdata").is_dir()
 
 
