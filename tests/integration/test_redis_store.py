@@ -10,7 +10,6 @@ import functools
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +36,7 @@ from memshift.model import (
     merge_tool_runs,
 )
 from memshift.stores.base import AsyncStore, Outcome, Store
+from memshift.stores.layouts import LUA_LIBRARY
 from memshift.stores.layouts.reference import ReferenceLayout
 from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
 from memshift.stores.redis import AsyncRedisStore, RedisStore
@@ -582,7 +582,7 @@ def test_unreachable_redis_names_the_server_but_not_the_password() -> None:
     ],
 )
 def test_lua_reads_timestamps_exactly_as_python(raw: redis.Redis, value: str) -> None:
-    common = (Path(ReferenceLayout().script_dir()) / "common.lua").read_text()
+    common = LUA_LIBRARY.read_text()
     lua = raw.eval(f"{common}\nreturn norm_ts(ARGV[1])", 0, value)
 
     try:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import re
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from memshift.errors import ValidationError
 from memshift.model import TERMINAL_TOOL_STATUSES, TOOL_STATUS_RANK
-from memshift.stores.layouts import get_layout
+from memshift.stores.layouts import LUA_LIBRARY, get_layout
 from memshift.stores.layouts.reference import CHILDREN, ReferenceLayout
 from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
 
@@ -393,7 +392,7 @@ def test_written_timestamps_are_fixed_width_and_read_back() -> None:
 
 
 def test_lua_status_tables_match_the_model() -> None:
-    common = (Path(ReferenceLayout().script_dir()) / "common.lua").read_text()
+    common = LUA_LIBRARY.read_text()
     rank = re.search(r"TOOL_STATUS_RANK = \{(.*?)\}", common)
     terminal = re.search(r"TERMINAL = \{(.*?)\}", common)
     assert rank is not None and terminal is not None

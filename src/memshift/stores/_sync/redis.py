@@ -63,7 +63,7 @@ from memshift.model import (
 )
 from memshift.redact import redact
 from memshift.stores.base import Outcome
-from memshift.stores.layouts import Layout, RawSession, ScriptCall, get_layout
+from memshift.stores.layouts import Layout, RawSession, ScriptCall, get_layout, script_text
 from memshift.stores.layouts.timestamps import format_timestamp
 
 from ._clients import Redis, RedisCluster, ScriptHandle, close_client, queue_command
@@ -180,8 +180,14 @@ class RedisStore:
         """
         pipe = self._client.pipeline(transaction=False)
         planned: list[tuple[str, list[tuple[Any, ...]]]] = []
+        refused: dict[str, str] = {}
         for sid in session_ids:
-            commands = [(c[0], *map(_raw, c[1:])) for c in self._layout.read_commands(sid)]
+            try:
+                layout_commands = self._layout.read_commands(sid)
+            except ValidationError as exc:  # an id whose keys the layout cannot name
+                refused[sid] = str(exc)
+                layout_commands = []
+            commands = [(c[0], *map(_raw, c[1:])) for c in layout_commands]
             for command in commands:
                 queue_command(pipe, command)
             planned.append((sid, commands))
@@ -192,6 +198,9 @@ class RedisStore:
         reads = []
         at = 0
         for sid, commands in planned:
+            if sid in refused:
+                reads.append(RawSession(sid, [], [], None, refused[sid]))
+                continue
             mine = list(replies[at : at + len(commands)])
             at += len(commands)
             reads.append(self._decode(sid, commands, mine))
@@ -217,14 +226,14 @@ class RedisStore:
         return RawSession(sid, commands, replies, state, None)
 
     def list_sessions(self, *, batch_size: int = 500) -> Iterator[str]:
-        """Every session id, by SCAN over session hashes (never KEYS); may repeat ids.
+        """Every session id, by SCAN over the layout's session keys (never KEYS); may repeat ids.
 
         In a cluster every primary is scanned in turn (replicas hold copies of the
         same keys, so they are left out); each key lives on one primary, so an id
         repeats only when its hash moves between nodes during the scan.
         """
         keys = self._client.scan_iter(
-            match=self._layout.scan_pattern(), count=batch_size, _type="hash"
+            match=self._layout.scan_pattern(), count=batch_size, _type=self._layout.scan_type
         )
         try:
             for key in keys:
@@ -372,7 +381,7 @@ class RedisStore:
             self._check_one_slot(session_id, call)
         script = self._scripts.get(call.script)
         if script is None:
-            text = _script_text(self._layout.script_dir(), call.script)
+            text = script_text(self._layout.script_dir(), call.script)
             script = self._client.register_script(text)
             self._scripts[call.script] = script
         try:
@@ -455,13 +464,3 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "surrogateescape")
     return str(value)
-
-
-@cache
-def _script_text(folder: Path, name: str) -> str:
-    """The script with the layout's shared helpers (``common.lua``) in front of it."""
-    common = folder / "common.lua"
-    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
-    if common.exists():
-        return f"{common.read_text(encoding='utf-8')}\n{body}"
-    return body

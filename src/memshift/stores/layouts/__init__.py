@@ -35,8 +35,11 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import psycopg
+
+from memshift.errors import ConfigError
 from memshift.model import (
     Checkpoint,
     MemorySummary,
@@ -46,6 +49,26 @@ from memshift.model import (
     StatusChange,
     ToolRun,
 )
+
+LUA_LIBRARY = Path(__file__).resolve().parent / "lua" / "common.lua"
+"""The Lua functions every layout's scripts share. Redis scripts cannot include code,
+so :func:`script_text` puts the library in front of each script once, when it is
+registered (then it is called by SHA)."""
+
+
+@functools.cache
+def script_text(folder: Path, name: str) -> str:
+    """Script ``name`` of a layout's script folder, with the shared library in front."""
+    body = (folder / f"{name}.lua").read_text(encoding="utf-8")
+    return f"{LUA_LIBRARY.read_text(encoding='utf-8')}\n{body}"
+
+
+class NotInLayout(ConfigError):
+    """A write of state that the layout's keys have no place for; nothing was sent.
+
+    (LangChain's keys hold only messages, for instance.) The message names the
+    session and what could not be written.
+    """
 
 
 @dataclass(frozen=True)
@@ -76,6 +99,7 @@ class RawSession:
 class Layout(Protocol):
     name: str
     prefix: str
+    scan_type: str  # the Redis type of the keys that scan_pattern finds (SCAN TYPE)
 
     def script_dir(self) -> Path:
         """Folder holding the layout's .lua files."""
@@ -139,19 +163,48 @@ class Layout(Protocol):
         ...
 
 
+@runtime_checkable
+class PreparesPostgres(Protocol):
+    """A layout that keeps tables of its own in PostgreSQL beside the truth (e.g. a
+    framework's table, kept from the truth); backfill prepares them first."""
+
+    def prepare_postgres(self, conn: psycopg.Connection[Any]) -> None:
+        """Create what the layout needs in PostgreSQL; safe to run again."""
+        ...
+
+
 def get_layout(name: str, prefix: str = "agent") -> Layout:
-    """The layout adapter called ``name``; raise ConfigError naming the known ones."""
-    from memshift.errors import ConfigError
+    """The layout adapter called ``name``; raise ConfigError naming the known ones.
+
+    A name ending in ``.toml`` is the path of a declarative layout's description.
+    """
+    from memshift.stores.layouts.declarative import load_layout
+    from memshift.stores.layouts.langchain import LangChainLayout
+    from memshift.stores.layouts.langgraph import LangGraphLayout
+    from memshift.stores.layouts.llamaindex import LlamaIndexLayout
+    from memshift.stores.layouts.openai_agents import OpenAIAgentsLayout
     from memshift.stores.layouts.reference import ReferenceLayout
+
+    if name.endswith(".toml"):
+        return load_layout(name, prefix)
 
     layouts: dict[str, Callable[[str], Any]] = {
         "reference": ReferenceLayout,
         # The reference layout with the session id as a hash tag, for Redis Cluster.
         "reference-hashtag": functools.partial(ReferenceLayout, hash_tag=True),
+        # LangChain's RedisChatMessageHistory (langchain-community).
+        "langchain": LangChainLayout,
+        # The OpenAI Agents SDK's RedisSession (openai-agents).
+        "openai-agents": OpenAIAgentsLayout,
+        # LlamaIndex's RedisChatStore (llama-index-storage-chat-store-redis).
+        "llamaindex": LlamaIndexLayout,
+        # LangGraph's RedisSaver checkpointer (langgraph-checkpoint-redis), read only.
+        "langgraph": LangGraphLayout,
     }
     if name not in layouts:
         raise ConfigError(
-            f"unknown Redis layout {name!r}; known layouts: {', '.join(sorted(layouts))}"
+            f"unknown Redis layout {name!r}; known layouts: {', '.join(sorted(layouts))}, "
+            "or the path of a layout description ending in .toml"
         )
     layout: Layout = layouts[name](prefix)
     return layout

@@ -11,7 +11,7 @@ time order, which the Lua scripts rely on. It reads both forms:
   fraction (``1716112800123`` or ``"1716112800123.5"``); sub-microsecond digits
   are truncated.
 
-The Lua helper ``norm_ts`` (``reference/lua/common.lua``) reads a strict subset of
+The Lua helper ``norm_ts`` (``layouts/lua/common.lua``) reads a strict subset of
 these forms and must give the same instant as :func:`parse_timestamp` for each of
 them; whatever it cannot read it hands back to Python.
 """

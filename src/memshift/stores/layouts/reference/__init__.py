@@ -47,9 +47,11 @@ RPUSHes) reads as :func:`memshift.model.placeholder_session`: status ``active``,
 version 0, as old as its oldest part, exactly as PostgreSQL reports it.
 
 Ambiguity: a session id that itself ends with ``:messages``, ``:tools``,
-``:summary``, ``:checkpoint`` or ``:events`` cannot be told apart from a child key
-of a shorter id, so :meth:`ReferenceLayout.session_id_from_key` skips such keys;
-``load_session`` still works for such ids when they are named directly.
+``:summary``, ``:checkpoint`` or ``:events`` names keys of a shorter id (the hash of
+``a:tools`` is the tools key of ``a``), so such ids are refused (ValidationError,
+before any I/O) for reads and writes alike, and
+:meth:`ReferenceLayout.session_id_from_key` skips such keys. The hash-tag variant
+has no such ids.
 """
 
 from __future__ import annotations
@@ -155,6 +157,7 @@ class ReferenceLayout:
     """
 
     name = "reference"
+    scan_type = "hash"  # SCAN finds sessions by their hash
 
     def __init__(self, prefix: str = "agent", *, hash_tag: bool = False) -> None:
         self.prefix = prefix
@@ -224,48 +227,36 @@ class ReferenceLayout:
         keys = self.session_keys(session_id)
         reader = _Reader(session_id)
         trimmed = reader.count(fields.get(b"messages_trimmed"), keys[0], "messages_trimmed")
-        messages = reader.records(
-            Message,
-            keys[1],
-            (
-                self._message_data(reader, keys[1], f"index {i}", trimmed + i, raw)
-                for i, raw in enumerate(raw_messages)
-            ),
-        )
-        tool_runs = reader.records(
-            ToolRun,
-            keys[2],
-            (self._tool_run_data(reader, keys[2], name, raw) for name, raw in tool_pairs.items()),
-        )
+        messages = self._messages(reader, keys[1], trimmed, raw_messages)
+        tool_runs = self._tool_runs(reader, keys[2], tool_pairs)
         summaries = () if summary_raw is None else (self._summary(reader, keys[3], summary_raw),)
         checkpoints = (
             () if checkpoint_raw is None else (self._checkpoint(reader, keys[4], checkpoint_raw),)
         )
-        events = reader.records(
-            Event,
-            keys[5],
-            (self._event_data(reader, keys[5], i, entry) for i, entry in enumerate(raw_events)),
-        )
-        parts = SessionState(
-            session=Session(session_id=session_id),
-            messages=messages,
-            tool_runs=tuple(sorted(tool_runs, key=lambda t: t.tool_call_id)),
-            summaries=summaries,
-            checkpoints=checkpoints,
-            events=events,
-        )
+        events = self._events(reader, keys[5], raw_events)
+        parts = {
+            "messages": messages,
+            "tool_runs": tuple(sorted(tool_runs, key=lambda t: t.tool_call_id)),
+            "summaries": summaries,
+            "checkpoints": checkpoints,
+            "events": events,
+        }
+
+        def seen() -> list[datetime]:  # wanted only when the hash lacks times
+            return SessionState(session=Session(session_id=session_id), **parts).timestamps()
+
         if not fields:
-            session = placeholder_session(session_id, parts.timestamps())
+            session = placeholder_session(session_id, seen())
         else:
-            session = self._session(reader, keys[0], fields, parts.timestamps(), ttl)
-        return parts.model_copy(update={"session": session})
+            session = self._session(reader, keys[0], fields, seen, ttl)
+        return SessionState(session=session, **parts)
 
     def _session(
         self,
         reader: _Reader,
         key: str,
         fields: Mapping[Any, Any],
-        seen: list[datetime],
+        seen: Callable[[], list[datetime]],
         ttl: Any,
     ) -> Session:
         data: dict[str, Any] = {"session_id": reader.session_id}
@@ -287,15 +278,37 @@ class ReferenceLayout:
         if unknown:
             data["metadata"] = _with_unknown(data.get("metadata", {}), {REDIS_FIELDS: unknown})
         # Missing times: each other's, else as old as the oldest part (placeholder_session).
-        oldest = min(seen, default=None)
-        data.setdefault("created_at", data.get("updated_at", oldest))
-        data.setdefault("updated_at", data["created_at"])
-        if data["created_at"] is None:
-            del data["created_at"], data["updated_at"]
+        if "created_at" not in data or "updated_at" not in data:
+            oldest = min(seen(), default=None)
+            data.setdefault("created_at", data.get("updated_at", oldest))
+            data.setdefault("updated_at", data["created_at"])
+            if data["created_at"] is None:
+                del data["created_at"], data["updated_at"]
         if isinstance(ttl, int) and ttl > 0:
             data["expires_at"] = now() + timedelta(milliseconds=ttl)
         session: Session = parse(Session, data, session_id=reader.session_id, where=f"key {key!r}")
         return session
+
+    def _messages(
+        self, reader: _Reader, key: str, trimmed: int, raw_messages: list[Any]
+    ) -> tuple[Message, ...]:
+        """The transcript: plain records at once, the rest record by record (which also
+        names the first bad one and what is wrong with it)."""
+        items = _plain_messages(raw_messages, trimmed)
+        if items is not None:
+            try:
+                messages: tuple[Message, ...] = _BATCHES[Message].validate_python(items)
+                return messages
+            except pydantic.ValidationError:
+                pass  # the general path below says which record and why
+        return reader.records(
+            Message,
+            key,
+            (
+                self._message_data(reader, key, f"index {i}", trimmed + i, raw)
+                for i, raw in enumerate(raw_messages)
+            ),
+        )
 
     def _message_data(
         self, reader: _Reader, key: str, where: str, seq: int, raw: Any
@@ -309,6 +322,36 @@ class ReferenceLayout:
         if "id" in data:
             data["message_id"] = data.pop("id")
         return where, data
+
+    def _tool_runs(
+        self, reader: _Reader, key: str, pairs: dict[Any, Any]
+    ) -> tuple[ToolRun, ...]:
+        """The tool runs (in hash order): plain ones at once, as ``_messages`` does."""
+        items = _plain_tool_runs(pairs)
+        if items is not None:
+            try:
+                runs: tuple[ToolRun, ...] = _BATCHES[ToolRun].validate_python(items)
+                return runs
+            except pydantic.ValidationError:
+                pass  # the general path below says which record and why
+        return reader.records(
+            ToolRun,
+            key,
+            (self._tool_run_data(reader, key, name, raw) for name, raw in pairs.items()),
+        )
+
+    def _events(self, reader: _Reader, key: str, entries: list[Any]) -> tuple[Event, ...]:
+        """The status events in stream order: plain ones at once, as ``_messages`` does."""
+        items = _plain_events(entries)
+        if items is not None:
+            try:
+                events: tuple[Event, ...] = _BATCHES[Event].validate_python(items)
+                return events
+            except pydantic.ValidationError:
+                pass  # the general path below says which record and why
+        return reader.records(
+            Event, key, (self._event_data(reader, key, i, entry) for i, entry in enumerate(entries))
+        )
 
     def _tool_run_data(
         self, reader: _Reader, key: str, name: Any, raw: Any
@@ -372,7 +415,9 @@ class ReferenceLayout:
         return where, data
 
     def session_from_reply(self, session_id: str, fields: Any, ttl: Any) -> Session:
-        return self._session(_Reader(session_id), self._base(session_id), _pairs(fields), [], ttl)
+        return self._session(
+            _Reader(session_id), self._base(session_id), _pairs(fields), list, ttl
+        )
 
     def message_from_reply(self, session_id: str, seq: int, raw: bytes) -> Message:
         key = f"{self._base(session_id)}:messages"
@@ -504,8 +549,24 @@ class ReferenceLayout:
 @functools.lru_cache(maxsize=1024)
 def _session_keys(prefix: str, session_id: str, hash_tag: bool = False) -> tuple[str, ...]:
     """The keys of a session, kept for the sessions written most recently."""
+    if not hash_tag:
+        _refuse_child_suffix(session_id)
     base = f"{prefix}:session:{{{session_id}}}" if hash_tag else f"{prefix}:session:{session_id}"
     return (base, *(f"{base}:{child}" for child in CHILDREN))
+
+
+def _refuse_child_suffix(session_id: str) -> None:
+    """Refuse an id whose keys would be another session's: ``a:tools`` is ``a``'s tools key."""
+    for child in CHILDREN:
+        if session_id.endswith(f":{child}"):
+            owner = session_id[: -len(child) - 1]
+            raise ValidationError(
+                f"session id {session_id!r} ends with ':{child}': in the reference layout "
+                f"its key would be the {child} key of session {owner!r}, so it is refused; "
+                "use another id, or the reference-hashtag layout, whose keys cannot collide",
+                session_id=session_id,
+                where="session_id",
+            )
 
 
 def _session_args(session: Session) -> list[Any]:
@@ -648,6 +709,87 @@ def _loads(text: str) -> Any:
     return _DECODER.decode(text)
 
 
+# Plain records: strict UTF-8 bytes of one JSON object, without outer whitespace,
+# holding only members that need no unknown-member handling (no ``metadata``
+# either), and a readable timestamp. Their fields are read in one tight loop per key,
+# giving exactly what the general path (``_message_data`` and its kin) gives them;
+# the general path reads any other record, and names the first bad one and why.
+_PLAIN_MESSAGE_MEMBERS = frozenset({"id", "role", "content", "ts", "tool_call_id"})
+_PLAIN_TOOL_MEMBERS = frozenset({"name", "args", "status", "attempts", "last_error", "updated_at"})
+_EVENT_TARGETS = {name.encode(): target for name, target in _EVENT_FIELDS.items()}
+
+
+def _plain_object(raw: Any, members: frozenset[str], stamp: str) -> dict[str, Any] | None:
+    """The members of a plain record, its ``stamp`` member read as a time; else None."""
+    if type(raw) is not bytes:
+        return None
+    try:
+        text = raw.decode("utf-8")
+        data, end = _SCAN(text, 0)
+        if end != len(text) or type(data) is not dict or not data.keys() <= members:
+            return None
+        data[stamp] = parse_timestamp(data[stamp])
+    except (StopIteration, ValueError, RecursionError, KeyError):
+        return None
+    result: dict[str, Any] = data
+    return result
+
+
+def _plain_messages(raws: list[Any], trimmed: int) -> list[dict[str, Any]] | None:
+    """Every message's fields, ready for validation, if every one is plain; else None."""
+    items = []
+    seq = trimmed
+    for raw in raws:
+        data = _plain_object(raw, _PLAIN_MESSAGE_MEMBERS, "ts")
+        if data is None:
+            return None
+        data["seq"] = seq
+        if "id" in data:
+            data["message_id"] = data.pop("id")
+        items.append(data)
+        seq += 1
+    return items
+
+
+def _plain_tool_runs(pairs: dict[Any, Any]) -> list[dict[str, Any]] | None:
+    """Every tool run's fields, ready for validation, if every one is plain; else None."""
+    items = []
+    for name, raw in pairs.items():
+        data = _plain_object(raw, _PLAIN_TOOL_MEMBERS, "updated_at")
+        if data is None or type(name) is not bytes:
+            return None
+        try:
+            items.append({"tool_call_id": name.decode("utf-8"), **data})
+        except UnicodeDecodeError:
+            return None
+    return items
+
+
+def _plain_events(entries: list[Any]) -> list[dict[str, Any]] | None:
+    """Every event's fields, ready for validation, if every entry holds only known
+    fields as bytes (data as JSON) and a readable ``at``; else None."""
+    items = []
+    for index, entry in enumerate(entries):
+        if type(entry) not in (list, tuple) or len(entry) != 2:
+            return None
+        entry_id, fields = entry
+        if type(entry_id) is not bytes or not entry_id.isascii() or type(fields) is not dict:
+            return None
+        data: dict[str, Any] = {"event_seq": index}
+        try:
+            for raw_name, value in fields.items():
+                target = _EVENT_TARGETS[raw_name]
+                if type(value) is not bytes:
+                    return None
+                text = value.decode("utf-8")
+                data[target] = _loads(text) if target == "data" else text
+            data["at"] = parse_timestamp(data["at"])
+        except (KeyError, ValueError, RecursionError):
+            return None
+        items.append(data)
+    return items
+
+
 class _Reader:
     """Turns raw reply values into Python values, raising errors that name the key.
 
@@ -717,7 +859,7 @@ class _Reader:
         text = self.text(raw, key, where, detail)
         try:
             return _loads(text)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # nested too deep for the decoder
             raise self.error(
                 key, _join(where, detail), f"is not valid JSON ({exc}): {text[:200]!r}"
             ) from None
