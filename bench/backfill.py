@@ -7,12 +7,17 @@ database, interleaved round by round (the order flips each round):
 - ``raw COPY``: the sessions' message rows, serialised to COPY text in memory
   beforehand, copied into a plain logged table with the columns and primary key of
   ``memshift.messages``; only the COPY and its commit are timed.
-- ``INSERT loop``: the first ``--insert-rows`` of those rows, one INSERT per row into
-  the same table, one commit at the end.
+- ``INSERT loop``: the naive migration loop, the baseline of the goal: the first
+  ``--insert-rows`` of those rows, one ``INSERT`` statement per row (no executemany,
+  no COPY) into the same table, committing after each session's rows, as a script
+  that moves session by session does. Two other commit patterns are timed for
+  information: one commit at the end (the fastest an INSERT loop can be) and a
+  commit after every row (autocommit; on a tenth of the rows, it is slow).
 - ``backfill, N workers``: ``memshift.migrate.backfill.backfill`` of every session
   into emptied memshift tables, with 1 and with 2 workers.
 
-Goals: backfill >= 0.50x raw COPY and >= 20x the INSERT loop, in messages/s. Then
+Goals: backfill >= 0.50x raw COPY and >= 20x the INSERT loop (commit per session), in
+messages/s. Then
 each of ``--rss-sizes`` (messages) is backfilled with one worker in a child process,
 whose peak RSS is read when it ends; goal: largest / smallest <= 1.2.
 
@@ -337,13 +342,20 @@ class Bench:
         self.conn.commit()
         return Timing(messages, time.perf_counter() - started)
 
-    def insert_loop(self, rows: list[Row]) -> Timing:
+    def insert_loop(self, rows: list[Row], commit: str) -> Timing:
+        """One INSERT per row; a commit after every ``row``, every ``session``'s rows
+        or ``once`` at the end."""
         self.empty_baseline()
         gc.collect()
         started = time.perf_counter()
         with self.conn.cursor() as cur:
-            for row in rows:
+            for i, row in enumerate(rows):
                 cur.execute(INSERT_ROW, row)
+                last = i + 1 == len(rows)
+                if commit == "row" or (
+                    commit == "session" and (last or rows[i + 1][0] != row[0])
+                ):
+                    self.conn.commit()
         self.conn.commit()
         return Timing(len(rows), time.perf_counter() - started)
 
@@ -405,13 +417,16 @@ class Figures:
     insert_rows: int
     rounds: int
     seconds: dict[str, list[float]] = field(default_factory=dict)  # variant -> per round
+    counts: dict[str, int] = field(default_factory=dict)  # variant -> messages per round
     rss: list[dict[str, Any]] = field(default_factory=list)
+    load: list[float] = field(default_factory=list)  # 1-minute load average, start and end
 
     def add(self, variant: str, timing: Timing) -> None:
         self.seconds.setdefault(variant, []).append(timing.seconds)
+        self.counts[variant] = timing.messages
 
     def count(self, variant: str) -> int:
-        return self.insert_rows if variant == "insert_loop" else self.messages
+        return self.counts[variant]
 
     def rates(self, variant: str) -> list[float]:
         return [self.count(variant) / s for s in self.seconds[variant]]
@@ -441,11 +456,15 @@ def measure_rounds(
     """Every variant once a round, in reverse order every other round."""
     chunks = copy_text(rows)
     sample = rows[: args.insert_rows]
+    few = rows[: max(1, args.insert_rows // 10)]
     progress.print(f"{sum(map(len, chunks)) / 2**20:.0f} MiB of COPY text")
     figures = Figures(args.sessions, len(rows), len(sample), args.rounds)
+    figures.load.append(os.getloadavg()[0])
     variants: list[tuple[str, Callable[[], Timing]]] = [
         ("raw_copy", lambda: bench.raw_copy(chunks, len(rows))),
-        ("insert_loop", lambda: bench.insert_loop(sample)),
+        ("insert_loop", lambda: bench.insert_loop(sample, "session")),
+        ("insert_loop_one_tx", lambda: bench.insert_loop(sample, "once")),
+        ("insert_loop_per_row", lambda: bench.insert_loop(few, "row")),
         *(
             (variant_name(w), lambda w=w: bench.backfill(w, len(rows), args.sessions))
             for w in WORKERS
@@ -456,9 +475,10 @@ def measure_rounds(
             timing = measure()
             figures.add(variant, timing)
             progress.print(
-                f"round {r + 1} {variant:12} {timing.messages:>9,} messages "
+                f"round {r + 1} {variant:19} {timing.messages:>9,} messages "
                 f"{timing.seconds:7.2f}s {timing.rate:>10,.0f}/s"
             )
+    figures.load.append(os.getloadavg()[0])
     return figures
 
 
@@ -530,7 +550,9 @@ def scratch_prefix(client: redis.Redis) -> Iterator[str]:
 
 LABELS = {
     "raw_copy": "raw COPY (pre-serialised)",
-    "insert_loop": "INSERT loop (row by row)",
+    "insert_loop": "INSERT loop, commit per session",
+    "insert_loop_one_tx": "INSERT loop, one commit (info)",
+    "insert_loop_per_row": "INSERT loop, commit per row (info)",
     **{variant_name(w): f"backfill, {w} worker{'s' * (w > 1)}" for w in WORKERS},
 }
 
@@ -550,10 +572,11 @@ def render(f: Figures, console: Console) -> None:
     table = Table(
         title=f"backfill: {f.sessions:,} sessions, {f.messages:,} messages, "
         f"median of {f.rounds} round{'s' * (f.rounds > 1)}; goal ≥ {GOAL_VS_COPY:.2f}x raw "
-        f"COPY and ≥ {GOAL_VS_INSERT:.0f}x INSERT loop",
+        f"COPY and ≥ {GOAL_VS_INSERT:.0f}x INSERT loop (commit per session)",
         caption="ratio = messages/s of the row / messages/s of the baseline, median of "
         "per-round ratios; raw COPY: logged table, memshift.messages' columns and primary "
-        "key; only the COPY and its commit timed",
+        "key; only the COPY and its commit timed; 1-minute load average "
+        + " → ".join(f"{x:.1f}" for x in f.load) + f" on {os.cpu_count()} CPUs",
     )
     table.add_column("variant", no_wrap=True)
     for label in ("messages", "seconds", "messages/s", "vs raw COPY", "vs INSERT loop"):

@@ -122,7 +122,9 @@ def test_two_workers_copy_every_session_once(
     summary = backfill(settings(pg_dsn, redis_url, redis_prefix),
                        BackfillOptions(prefix=redis_prefix, batch_size=10, workers=2))
 
-    assert summary.migrated == 150 and summary.batches_done == summary.batches_total == 15
+    # 15 batches or a few more: a SCAN page (which other keys of the server shape)
+    # may end with a short batch.
+    assert summary.migrated == 150 and summary.batches_done == summary.batches_total >= 15
     assert_same(legacy, truth, ids)
 
 

@@ -121,3 +121,37 @@ def test_a_bulk_merge_records_conflicts_and_keeps_what_was_there(
             "WHERE session_id = 'clash' ORDER BY seq"
         ).fetchall()
     assert rows == [(0, "rewritten"), (2, "one again")]
+
+
+def test_a_live_write_landing_after_the_check_sends_the_batch_through_the_guards(
+    store: PostgresStore, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New sessions are COPYed straight into the tables; when a live write lands
+    between the check that found none of them and the COPY, the COPY fails on a unique
+    key and the guarded merge decides for every session of the batch."""
+    from memshift.migrate import bulk as bulk_module
+    from memshift.model import Message, Session
+
+    store.save_session(Session(session_id="landed", version=5, status="paused"))
+    store.append_message("landed", Message(seq=0, message_id="m0", role="user", content="live"))
+    late = SessionState(
+        session=Session(session_id="landed", version=1),
+        messages=(Message(seq=0, message_id="m0", role="user", content="stale"),
+                  Message(seq=1, message_id="m1", role="user", content="new")),
+    )
+    new = SessionState(
+        session=Session(session_id="brand-new"),
+        messages=(Message(seq=0, message_id="n0", role="user", content="hello"),),
+    )
+    # The check ran before the live write: it found neither session.
+    monkeypatch.setattr(bulk_module, "_fresh", lambda conn, ids: set(ids))
+
+    result = bulk(dsn, late, new)
+
+    landed = store.load_session("landed")
+    assert landed is not None
+    assert (landed.session.version, landed.session.status) == (5, "paused")
+    assert [(m.seq, m.content) for m in landed.messages] == [(0, "live"), (1, "new")]
+    assert result.conflicted == {"landed"}
+    assert result.changed == {"landed", "brand-new"}
+    assert without_id(store.load_session("brand-new")) == without_id(new)

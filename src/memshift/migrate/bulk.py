@@ -4,6 +4,15 @@ The merges are the guarded upserts of the live writes (``queries.sql`` includes 
 same text in both), so a backfill batch and the application's dual-writes converge
 whichever lands first, and a batch merged twice changes nothing the second time.
 The caller owns the transaction: a batch is merged, and recorded as done, together.
+
+Fast path: the sessions that PostgreSQL holds nothing of yet (a first backfill, the
+common case) are COPYed straight into the tables, under a savepoint. Each guarded
+upsert, finding no row, inserts exactly what a plain insert does, so the outcome is
+the same; it is only cheaper (COPY inserts rows in bulk, where ``INSERT ... ON
+CONFLICT`` inserts them one by one, speculatively, and staging writes them twice).
+A live write that lands between the check and the COPY makes it fail on a unique
+key (or wait for the writer, then fail): the savepoint is rolled back and the group
+takes the staging merge like every other session, so the guards decide as always.
 """
 
 from __future__ import annotations
@@ -59,6 +68,20 @@ _COPY = {
     )
     for table, columns in _STAGES.items()
 }
+# The fast path's COPY into the real tables: the staged columns, and for sessions the
+# two counters that the staging merge sets afterwards (bulk_next_seq, _event_seq).
+_COUNTERS = (("next_seq", "int8"), ("next_event_seq", "int8"))
+_DIRECT_COLUMNS = {
+    table: columns + (_COUNTERS if table == "stage_sessions" else ())
+    for table, columns in _STAGES.items()
+}
+_DIRECT = {
+    table: sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier("memshift", table.removeprefix("stage_")),
+        sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns),
+    )
+    for table, columns in _DIRECT_COLUMNS.items()
+}
 _EMPTY = Jsonb({}, dumps=lambda _: "{}")  # most records carry no metadata
 
 
@@ -87,15 +110,26 @@ class MergeResult:
         return sum(1 for s in states if s.session_id not in self.changed)
 
 
-def _rows(states: Iterable[SessionState]) -> dict[str, list[tuple[Any, ...]]]:
+def _rows(
+    states: Iterable[SessionState], *, counters: bool = False
+) -> dict[str, list[tuple[Any, ...]]]:
+    """The rows of every table; with ``counters``, sessions rows end with next_seq and
+    next_event_seq as the staging merge would leave them on a new session."""
     rows: dict[str, list[tuple[Any, ...]]] = {name: [] for name in _STAGES}
     for state in states:
         sid = state.session_id
         s = state.session
-        rows["stage_sessions"].append(
-            (sid, s.tenant_id, s.user_id, s.status, s.version, s.created_at, s.updated_at,
-             s.messages_trimmed, _json(s.metadata), s.expires_at)
+        session: tuple[Any, ...] = (
+            sid, s.tenant_id, s.user_id, s.status, s.version, s.created_at, s.updated_at,
+            s.messages_trimmed, _json(s.metadata), s.expires_at,
         )
+        if counters:
+            last_seq = max((m.seq for m in state.messages if m.seq is not None), default=-1)
+            last_event = max(
+                (e.event_seq for e in state.events if e.event_seq is not None), default=-1
+            )
+            session += (max(s.messages_trimmed, last_seq + 1), last_event + 1)
+        rows["stage_sessions"].append(session)
         rows["stage_messages"].extend(
             (sid, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id,
              _json(m.metadata))
@@ -122,26 +156,68 @@ def _rows(states: Iterable[SessionState]) -> dict[str, list[tuple[Any, ...]]]:
     return rows
 
 
+def _copy(
+    cur: psycopg.Cursor[Any], statements: dict[str, sql.Composed],
+    columns: dict[str, tuple[tuple[str, str], ...]], rows: dict[str, list[tuple[Any, ...]]],
+) -> None:
+    for table, table_rows in rows.items():
+        if not table_rows:
+            continue
+        with cur.copy(statements[table]) as copy:
+            copy.set_types([kind for _, kind in columns[table]])
+            for row in table_rows:
+                copy.write_row(row)
+
+
 def merge_states(conn: psycopg.Connection[Any], states: Sequence[SessionState]) -> MergeResult:
     """Merge ``states`` (one per session id) inside the caller's transaction."""
     result = MergeResult()
     if not states:
         return result
+    result.messages = sum(len(s.messages) for s in states)
+    fresh = _fresh(conn, [s.session_id for s in states])
+    rest = [s for s in states if s.session_id not in fresh]
+    if fresh:
+        new = [s for s in states if s.session_id in fresh]
+        if _insert_fresh(conn, new):
+            result.changed.update(fresh)
+        else:
+            rest.extend(new)
+    if rest:
+        _merge_staged(conn, rest, result)
+    return result
+
+
+def _fresh(conn: psycopg.Connection[Any], ids: list[str]) -> set[str]:
+    """The ids of which PostgreSQL holds no row at all (yet)."""
+    rows = conn.execute(query("bulk_fresh_sessions"), {"ids": ids}).fetchall()
+    return {sid for (sid,) in rows}
+
+
+def _insert_fresh(conn: psycopg.Connection[Any], states: Sequence[SessionState]) -> bool:
+    """COPY new sessions straight into the tables; False (nothing written) when a row
+    of one of them appeared since :func:`_fresh` looked."""
+    try:
+        with conn.transaction(), conn.cursor() as cur:
+            _copy(cur, _DIRECT, _DIRECT_COLUMNS, _rows(states, counters=True))
+    except psycopg.errors.UniqueViolation:
+        return False
+    return True
+
+
+def _merge_staged(
+    conn: psycopg.Connection[Any], states: Sequence[SessionState], result: MergeResult
+) -> None:
+    """COPY into the staging tables, then the guarded merges, statement by statement."""
     conn.execute(query("stage_create"))
     with conn.cursor() as cur:
-        for table, rows in _rows(states).items():
-            if not rows:
-                continue
-            with cur.copy(_COPY[table]) as copy:
-                copy.set_types([kind for _, kind in _STAGES[table]])
-                for row in rows:
-                    copy.write_row(row)
-            if table == "stage_messages":
-                result.messages = len(rows)
+        rows = _rows(states)
+        _copy(cur, _COPY, _STAGES, rows)
+        staged = len(rows["stage_messages"])
         cur.execute(query("bulk_merge_messages"))
         inserted = cur.fetchall()
         result.changed.update(sid for sid, _ in inserted)
-        if sum(count for _, count in inserted) < result.messages:
+        if sum(count for _, count in inserted) < staged:
             # Some staged messages were already there: check those for conflicts.
             cur.execute(query("bulk_message_conflicts"))
             result.conflicted.update(sid for sid, _ in cur.fetchall())
@@ -150,4 +226,3 @@ def merge_states(conn: psycopg.Connection[Any], states: Sequence[SessionState]) 
             result.changed.update(sid for sid, _ in cur.fetchall())
         for name in _AFTER:
             cur.execute(query(name))
-    return result
