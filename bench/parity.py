@@ -7,7 +7,8 @@ order flips each round, so drift in the machine's speed cancels out):
 
 - ``parity``: ``parity(settings, session_ids=ids)``: per batch one Redis pipeline,
   one ``load_sessions`` statement, validation into the model, the comparison, the
-  invariants, and one INSERT of the reports.
+  invariants, and one INSERT of the reports (PostgreSQL's read of a batch runs in a
+  worker thread while the next batch is read from Redis).
 - ``parity, not recorded``: the same with ``ParityOptions(record=False)``: for
   information, to show what recording costs.
 - ``raw reads + JSON``: per batch the same Redis read commands (the layout's

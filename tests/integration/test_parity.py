@@ -14,7 +14,14 @@ import redis
 from memshift.config import Settings
 from memshift.generate import generate_sessions
 from memshift.migrate.backfill import BackfillOptions, backfill
-from memshift.migrate.parity import SEED_CHECKS, ParityOptions, check_batch, parity
+from memshift.migrate.parity import (
+    SEED_CHECKS,
+    ParityOptions,
+    check_batch,
+    check_session,
+    invariant_diffs,
+    parity,
+)
 from memshift.migrate.plan import GateRefused, Stage, set_stage
 from memshift.model import MemorySummary, Message, SessionState, ToolRun, now
 from memshift.stores.postgres import PostgresStore
@@ -302,3 +309,43 @@ def test_cutover_waits_for_a_parity_pass_rate_and_says_how_to_get_one(
         for _ in range(40):
             list(parity(config, session_ids=ids))
         assert set_stage(conn, "cutover", "parity holds").stage is Stage.CUTOVER
+
+
+def _state(messages: range, trimmed: int = 0, **parts: Any) -> SessionState:
+    return SessionState.model_validate({
+        "session": {"session_id": "s1", "messages_trimmed": trimmed},
+        "messages": [{"seq": n, "message_id": f"m{n}", "role": "user", "content": f"c{n}"}
+                     for n in messages], **parts})
+
+
+def test_message_order_compares_only_the_seqs_redis_still_holds() -> None:
+    redis_tail = _state(range(2, 5), trimmed=2)  # Redis trimmed seqs 0 and 1
+    pg_whole = _state(range(0, 5), trimmed=2)
+    changed = pg_whole.model_copy(update={"messages": tuple(
+        m.model_copy(update={"content": "other"}) if m.seq == 3 else m
+        for m in pg_whole.messages)})
+
+    same = check_session(redis_tail, pg_whole, checked_at=now())
+    differs = check_session(redis_tail, changed, checked_at=now())
+
+    assert same.parity_status == "pass"
+    assert [(d.check, d.field) for d in differs.diffs] == [
+        ("message_order_matches", "messages[seq=3].content")]
+
+
+def test_the_invariants_name_a_seq_gap_and_a_checkpoint_cycle() -> None:
+    cycle = [{"checkpoint_id": "a", "parent_id": "c", "step": 1},
+             {"checkpoint_id": "b", "parent_id": "a", "step": 2},
+             {"checkpoint_id": "c", "parent_id": "b", "step": 3}]
+    chain = [{"checkpoint_id": "a", "step": 1},
+             {"checkpoint_id": "b", "parent_id": "a", "step": 2}]
+
+    gapped = invariant_diffs(_state(range(0, 2)).model_copy(update={"messages": tuple(
+        m.model_copy(update={"seq": m.seq + 1}) if m.seq == 1 else m
+        for m in _state(range(0, 2)).messages)}))
+    looped = invariant_diffs(_state(range(0, 2), checkpoints=cycle))
+
+    assert [(d.field, d.postgres) for d in gapped] == [("messages.seq", "seq 2 follows seq 0")]
+    assert [d.field for d in looped] == ["checkpoints[a].step", "checkpoints.parent_id"]
+    assert "cycle" in looped[1].postgres
+    assert invariant_diffs(_state(range(0, 2), checkpoints=chain)) == []

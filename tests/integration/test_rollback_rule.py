@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from memshift.config import Settings
 from memshift.migrate.parity import ParityReport, check_session, record
@@ -26,8 +27,16 @@ from memshift.migrate.plan import (
     set_slice,
     set_stage,
 )
-from memshift.migrate.rule import WATCHER, enforce_rule, evaluate_rule, set_rule, watch
+from memshift.migrate.rule import (
+    WATCHER,
+    enforce_rule,
+    evaluate_rule,
+    set_rule,
+    slice_drift,
+    watch,
+)
 from memshift.model import Checkpoint, Message, Session, SessionState, now
+from memshift.sql.queries import query
 from memshift.stores.migrating import AsyncMigratingStore, MigratingStore
 from memshift.stores.postgres import AsyncPostgresStore, PostgresStore
 from memshift.stores.redis import AsyncRedisStore, RedisStore
@@ -278,3 +287,65 @@ def test_the_cli_sets_the_rule_and_watch_once_reports_as_json(
     [line] = [json.loads(text) for text in watched.stdout.splitlines()]
     assert [f["read_path"] for f in line["fired"]] == ["resume"]
     assert load_plan(conn).slices["resume"].percent == 0
+
+
+def live(conn: psycopg.Connection[Any], sid: str, status: str, read_path: str,
+         failed: str | None = None) -> None:
+    """Record a result as the router's live compare of ``read_path`` does."""
+    report = result(sid, status, failed=failed)
+    conn.execute(query("parity_record_live"), {
+        "session_id": sid, "status": status, "checks": Jsonb(report.checks),
+        "diffs": Jsonb([]), "checked_at": report.checked_at, "read_path": read_path})
+
+
+def test_drift_is_shown_per_read_path_over_the_rules_window(
+    conn: psycopg.Connection[Any],
+) -> None:
+    cut_over(conn, "resume", "transcript")
+    set_rule(conn, "a window of 3", window=3, drift_rate=50, critical=[])
+    live(conn, "s1", "fail", "resume", failed="message_count_matches")
+    live(conn, "s2", "pass", "inspect")  # a path with no slice: shown, never acted on
+    live(conn, "s3", "pending", "resume", failed="message_count_matches")  # not judged
+    record(conn, [result("s4", "pass")])  # batch: counts for every path
+    for n in range(4):
+        live(conn, f"t{n}", "pass", "transcript")  # only the latest 3 are in the window
+
+    drift = {d.read_path: d for d in slice_drift(conn)}
+
+    assert sorted(drift) == ["inspect", "resume", "transcript"]
+    resume, transcript, inspect = drift["resume"], drift["transcript"], drift["inspect"]
+    assert (resume.percent, resume.judged, resume.live, resume.failed) == (100, 2, 1, 1)
+    assert resume.drift_rate == 50.0 and not resume.over_rule  # 1 is not above 50 % of 3
+    assert (transcript.judged, transcript.live, transcript.failed) == (3, 3, 0)
+    assert (inspect.percent, inspect.judged, inspect.live) == (None, 2, 1)
+    assert evaluate_rule(conn) == []
+
+    live(conn, "s5", "fail", "resume", failed="message_count_matches")
+    [firing] = evaluate_rule(conn)
+    [again] = [d for d in slice_drift(conn) if d.read_path == "resume"]
+    assert firing.read_path == "resume" and again.over_rule
+    assert (again.judged, again.failed, round(again.drift_rate, 2)) == (3, 2, 66.67)
+
+    enforce_rule(conn)  # the rollback is a change of the slice: its window starts afresh
+    [after] = [d for d in slice_drift(conn) if d.read_path == "resume"]
+    assert (after.percent, after.judged, after.failed) == (0, 0, 0)
+
+
+def test_rule_show_prints_the_drift_of_each_read_path(
+    pg_dsn: str, conn: psycopg.Connection[Any],
+) -> None:
+    cut_over(conn, "resume")
+    live(conn, "s1", "fail", "resume", failed="latest_checkpoint_matches")
+    live(conn, "s2", "pass", "resume")
+
+    shown = memshift("rule", "show", "--json", env={"MEMSHIFT_POSTGRES_DSN": pg_dsn})
+    table = memshift("rule", "show", env={"MEMSHIFT_POSTGRES_DSN": pg_dsn})
+
+    assert shown.returncode == 0 and table.returncode == 0, shown.stderr + table.stderr
+    [resume] = json.loads(shown.stdout)["slices"]
+    assert resume | {"since": None} == {
+        "read_path": "resume", "percent": 100.0, "judged": 2, "failed": 1, "live": 2,
+        "batch": 0, "drift_rate": 50.0, "critical_failures": {"latest_checkpoint_matches": 1},
+        "since": None, "over_rule": True}
+    assert "drift per read path" in table.stdout and "resume" in table.stdout
+    assert "50.00 %" in table.stdout and "fires" in table.stdout

@@ -13,6 +13,10 @@ The rule fires when, among the latest ``window`` judged results, more than
 ``drift_rate`` % of ``window`` failed (so with fewer results than the window it
 fires only once the failures exceed what the whole window may hold), or when any
 failed result failed one of the ``critical`` checks.
+
+:func:`slice_drift` shows that sliding window per read path (``memshift rule show``):
+for every slice of the Plan, and every read path that live compares sampled, in any
+stage, so an operator sees each path's drift before and after cutting it over.
 """
 
 from __future__ import annotations
@@ -144,29 +148,87 @@ class Firing:
                 "rule": self.rule.model_dump(mode="json"), "why": self.why()}
 
 
+@dataclass(frozen=True)
+class SliceDrift:
+    """One read path's evidence: its sliding window of judged parity results.
+
+    The window is what the rule judges: the latest ``rule.window`` judged results
+    (live compares of this path, and batch results, which count for every path)
+    checked after ``since``, when the path's slice or the stage last changed.
+    """
+
+    read_path: str
+    percent: float | None  # the slice's cohort; None for a path the Plan has no slice for
+    judged: int
+    failed: int
+    live: int  # of the judged, live compares of this path (the rest are batch results)
+    critical_failures: dict[str, int]
+    since: datetime | None
+    rule: RollbackRule
+
+    @property
+    def drift_rate(self) -> float:
+        """Failed share of the judged results, in percent."""
+        return 100.0 * self.failed / self.judged if self.judged else 0.0
+
+    @property
+    def over_rule(self) -> bool:
+        """The rule would fire on this evidence (it acts only on cutover slices above 0 %)."""
+        return self.failed * 100 > self.rule.drift_rate * self.rule.window or bool(
+            self.critical_failures)
+
+    def firing(self) -> Firing:
+        return Firing(self.read_path, self.judged, self.failed, dict(self.critical_failures),
+                      self.since, self.rule)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"read_path": self.read_path, "percent": self.percent, "judged": self.judged,
+                "failed": self.failed, "live": self.live, "batch": self.judged - self.live,
+                "drift_rate": round(self.drift_rate, 4),
+                "critical_failures": dict(self.critical_failures),
+                "since": self.since.isoformat() if self.since else None,
+                "over_rule": self.over_rule}
+
+
+def slice_drift(conn: psycopg.Connection[Any], *, slices_only: bool = False) -> list[SliceDrift]:
+    """Each read path's drift over the rule's sliding window, now; changes nothing.
+
+    Every slice of the Plan, then (unless ``slices_only``) every other read path
+    that live compares recorded results for since the stage last changed.
+    """
+    plan = load_plan(conn)
+    rule = RollbackRule.of(plan)
+    paths: dict[str, float | None] = {path: cut.percent
+                                      for path, cut in sorted(plan.slices.items())}
+    if not slices_only:
+        for (path,) in conn.execute(query("rule_read_paths")).fetchall():
+            paths.setdefault(path, None)
+    found = [_window(conn, path, percent, rule) for path, percent in paths.items()]
+    return [d for d in found if d.percent is not None or d.live]
+
+
+def _window(
+    conn: psycopg.Connection[Any], path: str, percent: float | None, rule: RollbackRule,
+) -> SliceDrift:
+    changed = conn.execute(query("rule_slice_changed_at"), {"read_path": path}).fetchone()
+    since: datetime | None = changed[0] if changed else None
+    row = conn.execute(query("rule_window"), {
+        "read_path": path, "window": rule.window, "critical": list(rule.critical),
+        "since": since,
+    }).fetchone()
+    judged, failed, critical, live = row if row else (0, 0, {}, 0)
+    return SliceDrift(path, percent, judged, failed, live, dict(critical), since, rule)
+
+
 def evaluate_rule(conn: psycopg.Connection[Any]) -> list[Firing]:
     """The slices the rule says to move back, now; changes nothing.
 
     Only in ``cutover``, only slices that send some reads to PostgreSQL (above 0 %).
     """
-    plan = load_plan(conn)
-    if plan.stage is not Stage.CUTOVER:
+    if load_plan(conn).stage is not Stage.CUTOVER:
         return []
-    rule = RollbackRule.of(plan)
-    firings = []
-    for path, cut in sorted(plan.slices.items()):
-        if cut.percent == 0:
-            continue
-        changed = conn.execute(query("rule_slice_changed_at"), {"read_path": path}).fetchone()
-        since: datetime | None = changed[0] if changed else None
-        row = conn.execute(query("rule_window"), {
-            "read_path": path, "window": rule.window, "critical": list(rule.critical),
-            "since": since,
-        }).fetchone()
-        judged, failed, critical = row if row else (0, 0, {})
-        if failed * 100 > rule.drift_rate * rule.window or critical:
-            firings.append(Firing(path, judged, failed, dict(critical), since, rule))
-    return firings
+    return [drift.firing() for drift in slice_drift(conn, slices_only=True)
+            if drift.percent and drift.over_rule]
 
 
 def enforce_rule(conn: psycopg.Connection[Any]) -> list[Firing]:
