@@ -29,6 +29,11 @@ from pydantic import (
 from memshift.errors import ValidationError
 
 MAX_ID_BYTES = 512
+# JSON values nest at most this deep: pydantic's JSON parser, which reads rows back
+# from PostgreSQL (and the retired stage's cache), stops at 200 levels, and a record
+# wraps its values in a few more. Deeper values are refused on the way in, so that
+# nothing is stored that cannot be read back.
+MAX_JSON_DEPTH = 100
 
 SessionStatus = Literal["active", "waiting_tool", "paused", "completed", "failed", "expired"]
 ToolStatus = Literal["pending", "running", "retrying", "succeeded", "failed"]
@@ -123,6 +128,7 @@ def _check_id(value: str) -> str:
 def _json_storable(value: Any) -> bool:
     """True when JSONB can store ``value`` exactly: the fast walk, no paths built."""
     stack = [value]
+    containers = 0
     while stack:
         item = stack.pop()
         kind = type(item)
@@ -130,6 +136,7 @@ def _json_storable(value: Any) -> bool:
             if "\x00" in item or (not item.isascii() and text_problem(item)):
                 return False
         elif kind is dict:
+            containers += 1
             for key, child in item.items():
                 if type(key) is not str or "\x00" in key or (
                     not key.isascii() and text_problem(key)
@@ -137,17 +144,34 @@ def _json_storable(value: Any) -> bool:
                     return False
                 stack.append(child)
         elif kind is list:
+            containers += 1
             stack.extend(item)
         elif kind is float:
             if item != item or item in (float("inf"), float("-inf")):
                 return False
         elif not (item is None or kind is bool or kind is int):
             return False
-    return True
+    # Only a value with more containers than levels allowed can nest too deep.
+    return containers <= MAX_JSON_DEPTH or not _too_deep(value)
 
 
-def _json_problem(value: Any, path: str = "$") -> str | None:
+def _too_deep(value: Any) -> bool:
+    """Whether containers nest in ``value`` deeper than MAX_JSON_DEPTH (no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return True
+        children = item.values() if type(item) is dict else item
+        stack.extend((child, depth + 1) for child in children
+                     if type(child) is dict or type(child) is list)
+    return False
+
+
+def _json_problem(value: Any, path: str = "$", depth: int = 1) -> str | None:
     """Where and why JSONB cannot store ``value`` exactly (the slow walk, for errors)."""
+    if isinstance(value, dict | list) and depth > MAX_JSON_DEPTH:
+        return f"value at {path} is nested deeper than {MAX_JSON_DEPTH} levels"
     if isinstance(value, str):
         problem = text_problem(value)
         return f"string at {path} {problem}" if problem else None
@@ -158,13 +182,13 @@ def _json_problem(value: Any, path: str = "$") -> str | None:
             problem = text_problem(key)
             if problem:
                 return f"key at {path} {problem}"
-            found = _json_problem(item, f"{path}.{key}")
+            found = _json_problem(item, f"{path}.{key}", depth + 1)
             if found:
                 return found
         return None
     if isinstance(value, list):
         for index, item in enumerate(value):
-            found = _json_problem(item, f"{path}[{index}]")
+            found = _json_problem(item, f"{path}[{index}]", depth + 1)
             if found:
                 return found
         return None
