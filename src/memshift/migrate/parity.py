@@ -408,7 +408,8 @@ def parity(
     """Check sessions: those named, a random ``sample`` of PostgreSQL's, or all.
 
     "All" is every session PostgreSQL holds, then every session only Redis holds
-    (SCAN), each once. Reports come out batch by batch, after the batch is recorded.
+    (SCAN), each once. Reports come out batch by batch, after the batch is recorded
+    (by a recorder thread, while the next batch is judged).
 
     Batches overlap: once a batch has been read from Redis, a worker thread reads it
     from PostgreSQL (the query, then the decoding) while this thread reads the next
@@ -421,24 +422,59 @@ def parity(
     if sample is not None and sample < 1:
         raise ConfigError(f"--sample must be at least 1, got {sample}")
     redis_url, postgres_dsn = require_stores(settings, "parity")
-    with connect(postgres_dsn) as conn, \
+    with connect(postgres_dsn) as conn, connect(postgres_dsn) as recorder_conn, \
             PostgresStore(postgres_dsn, max_size=3) as truth, \
             RedisStore(redis_url, layout=settings.layout,
                        prefix=settings.prefix) as legacy, \
-            ThreadPoolExecutor(1, thread_name_prefix="memshift-parity") as postgres_reader:
+            ThreadPoolExecutor(1, thread_name_prefix="memshift-parity") as postgres_reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="memshift-parity-record") as recorder:
         before: tuple[list[RawSession], Future[_Truth]] | None = None
+        recording: tuple[list[ParityReport], Future[None]] | None = None
         for batch in _batches(conn, truth, legacy, session_ids, sample, options.batch_size):
             with _gc_paused():
                 redis_reads = legacy.read_sessions(batch)
                 loading = postgres_reader.submit(_load_truth, truth, batch)
-                reports = [] if before is None else _finish(conn, legacy, truth, *before,
-                                                            options)
+                judged = [] if before is None else _judge_read_ahead(
+                    legacy, truth, *before, options)
             before = (redis_reads, loading)
-            yield from reports
+            yield from _recorded(recording)
+            recording = _record_in_background(recorder, recorder_conn, judged, options)
         if before is not None:
             with _gc_paused():
-                reports = _finish(conn, legacy, truth, *before, options)
-            yield from reports
+                judged = _judge_read_ahead(legacy, truth, *before, options)
+            yield from _recorded(recording)
+            recording = _record_in_background(recorder, recorder_conn, judged, options)
+        yield from _recorded(recording)
+
+
+def _record_in_background(
+    recorder: ThreadPoolExecutor, conn: psycopg.Connection[Any],
+    reports: list[ParityReport], options: ParityOptions,
+) -> tuple[list[ParityReport], Future[None]] | None:
+    """Write a batch's reports from the recorder thread, while the next batch is judged.
+
+    The INSERT is PostgreSQL's work, not this process's: overlapping it with the next
+    batch's decoding hides it. Each batch's reports are still handed out only once
+    they are recorded (:func:`_recorded`), so a caller never acts on a report that a
+    crash would lose.
+    """
+    if not reports:
+        return None
+    if not options.record:
+        done: Future[None] = Future()
+        done.set_result(None)
+        return reports, done
+    return reports, recorder.submit(record, conn, reports)
+
+
+def _recorded(
+    recording: tuple[list[ParityReport], Future[None]] | None,
+) -> list[ParityReport]:
+    if recording is None:
+        return []
+    reports, written = recording
+    written.result()  # the INSERT's error, if any, surfaces here
+    return reports
 
 
 @contextmanager
@@ -461,16 +497,13 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
-def _finish(
-    conn: psycopg.Connection[Any], legacy: RedisStore, truth: PostgresStore,
+def _judge_read_ahead(
+    legacy: RedisStore, truth: PostgresStore,
     redis_reads: list[RawSession], loading: Future[_Truth], options: ParityOptions,
 ) -> list[ParityReport]:
-    """Judge a batch read ahead (re-reading failing sessions) and record its reports."""
+    """Judge a batch read ahead, re-reading the sessions that were still moving."""
     first = _pair(redis_reads, loading.result())
-    reports = [judged.report for judged in _settle(legacy, truth, first, options.settle_seconds)]
-    if options.record:
-        record(conn, reports)
-    return reports
+    return [judged.report for judged in _settle(legacy, truth, first, options.settle_seconds)]
 
 
 def _batches(
