@@ -94,6 +94,15 @@ def main_options(
             show_default=False,
         ),
     ] = None,
+    secondary_timeout_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--secondary-timeout-seconds",
+            help="How long a router's write to PostgreSQL as the secondary may take before "
+            "it is queued for repair [env MEMSHIFT_SECONDARY_TIMEOUT_SECONDS; default 2].",
+            show_default=False,
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="Settings file [default ./memshift.toml if present]."),
@@ -111,6 +120,7 @@ def main_options(
             "prefix": prefix,
             "ttl_seconds": ttl_seconds,
             "data_dir": data_dir,
+            "secondary_timeout_seconds": secondary_timeout_seconds,
         },
         "config": config,
     }
@@ -132,6 +142,24 @@ def need_postgres(settings: Settings) -> str:
 
 def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, default=str, ensure_ascii=False) + "\n")
+
+
+MetricsPort = Annotated[
+    int | None,
+    typer.Option("--metrics-port", min=1, max=65535, show_default=False,
+                 help="Serve Prometheus metrics at http://127.0.0.1:PORT/metrics while it "
+                      "runs (see docs/observability.md)."),
+]
+
+
+def serve_metrics(settings: Settings, port: int | None) -> None:
+    """Expose this process's metrics, with the control plane's state, on loopback."""
+    if port is None:
+        return
+    from memshift.observe.metrics import install_state_collector, serve
+
+    install_state_collector(need_postgres(settings))
+    serve(port)
 
 
 @app.command("config")
@@ -230,18 +258,35 @@ def demo_cmd(
     ctx: typer.Context,
     sessions: Annotated[int, typer.Option("--sessions", "-n", min=1, help="How many.")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same sessions.")] = 0,
+    step_seconds: Annotated[
+        float, typer.Option("--step-seconds", min=0, help="Traffic time at each step.")
+    ] = 0.5,
+    dashboard: Annotated[
+        bool, typer.Option("--dashboard", help="Keep the web dashboard open at the end "
+                                               "(until Ctrl-C).")
+    ] = False,
+    dashboard_port: Annotated[
+        int, typer.Option("--dashboard-port", min=1, max=65535, help="Its port on 127.0.0.1.")
+    ] = 8765,
+    metrics_port: MetricsPort = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Run memshift end to end on generated sessions.
+    """Run memshift end to end on generated sessions: a whole staged migration under
+    live traffic, with parity at each step, one injected drift that the rollback rule
+    rolls back, and a final table of every step. Exit 1 if a step failed.
 
     With no PostgreSQL or Redis given, starts embedded ones (real servers, in
     --data-dir .memshift) and stops them at the end.
     """
     from memshift.demo import run_demo
 
-    report = run_demo(settings_of(ctx), sessions=sessions, seed=seed, console=out, quiet=as_json)
+    report = run_demo(settings_of(ctx), sessions=sessions, seed=seed, console=out,
+                      quiet=as_json, step_seconds=step_seconds, metrics_port=metrics_port,
+                      dashboard=dashboard, dashboard_port=dashboard_port)
     if as_json:
         emit_json(report)
+    if not report["passed"]:
+        raise typer.Exit(1)
 
 
 quarantine_app = typer.Typer(help="Sessions that could not be migrated as they are.")
@@ -274,6 +319,7 @@ def backfill_cmd(
     status: Annotated[
         bool, typer.Option("--status", help="Show the latest runs instead of running.")
     ] = False,
+    metrics_port: MetricsPort = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Copy every session in Redis into PostgreSQL: resumable, parallel, safe beside
@@ -302,6 +348,7 @@ def backfill_cmd(
                           f"{r.messages:,}", f"{r.seconds:,.1f}")
         out.print(table)
         return
+    serve_metrics(settings, metrics_port)
     options = BackfillOptions(
         layout=layout or settings.layout,
         prefix=prefix or settings.prefix,
@@ -326,6 +373,119 @@ def backfill_cmd(
             out.print("[yellow]see `memshift quarantine list` for the quarantined sessions[/]")
     if fail_on_quarantine and summary.quarantined:
         raise typer.Exit(9)
+
+
+@app.command("follow")
+def follow_cmd(
+    ctx: typer.Context,
+    layout: Annotated[
+        str | None, typer.Option("--layout", help="Redis layout [default: the global one].")
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option("--prefix", help="Redis key prefix [default: the global one].")
+    ] = None,
+    configure_redis: Annotated[
+        bool,
+        typer.Option("--configure-redis",
+                     help="Turn on the keyspace notifications the layout needs "
+                          "(CONFIG SET notify-keyspace-events) if they are off."),
+    ] = False,
+    sweep_seconds: Annotated[
+        float, typer.Option("--sweep-seconds", min=1, help="Seconds between sweeps.")
+    ] = 300.0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=10_000, help="Sessions per batch.")
+    ] = 200,
+    workers: Annotated[
+        int, typer.Option("--workers", "-w", min=1, max=32,
+                          help="Threads that re-read and merge changed sessions.")
+    ] = 4,
+    report_seconds: Annotated[
+        float, typer.Option("--report-seconds", min=0.5, help="Seconds between status lines.")
+    ] = 10.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option("--metrics-port", min=0, max=65535,
+                     help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.",
+                     show_default=False),
+    ] = None,
+    status: Annotated[
+        bool, typer.Option("--status", help="Show the followers instead of following.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print JSON (one object per status line).")
+    ] = False,
+) -> None:
+    """Keep PostgreSQL in step with writes that reach Redis without memshift.
+
+    Subscribes to Redis keyspace notifications for the layout's keys, re-reads each
+    changed session whole and merges it like the backfill; a sweep catches up what
+    notifications missed (at start, after a reconnect, every --sweep-seconds). Runs
+    until Ctrl-C or SIGTERM (recorded as stopped) or until the Plan reaches pg_primary.
+
+    Exit 2 when Redis lacks the notifications (the message says what to set).
+    --status shows each follower's lag and last sweep; exit 1 when a running follower
+    lags more than the Plan's gate allows.
+    """
+    import signal
+    import threading
+
+    from memshift.migrate.backfill import connect
+    from memshift.migrate.follow import FollowOptions, FollowStatus, follow, followers
+    from memshift.migrate.plan import FOLLOW_MAX_LAG_SECONDS
+
+    settings = settings_of(ctx)
+    if status:
+        with connect(need_postgres(settings)) as conn:
+            found = followers(conn)
+        if as_json:
+            emit_json([f.as_json() for f in found])
+        else:
+            table = Table("follower", "source", "state", "lag s", "events", "applied",
+                          "expired", "sessions/s", "last sweep", title="followers")
+            for f in found:
+                state = f.state if f.state == "stopped" or f.responding else "not responding"
+                sweep = ("never" if f.last_sweep_finished_at is None else
+                         f"{f.last_sweep_finished_at:%Y-%m-%d %H:%M:%S} "
+                         f"({f.last_sweep_scanned:,} read, {f.last_sweep_applied:,} changed)")
+                table.add_row(str(f.follower_id), escape(f"{f.source} {f.layout}:{f.prefix}"),
+                              state, f"{f.lag_seconds:,.2f}", f"{f.events:,}",
+                              f"{f.sessions_applied:,}", f"{f.sessions_expired:,}",
+                              f"{f.sessions_per_second:,.1f}", sweep)
+            out.print(table)
+        if any(f.state == "running" and f.lag_seconds > FOLLOW_MAX_LAG_SECONDS for f in found):
+            raise typer.Exit(1)
+        return
+    options = FollowOptions(layout=layout or settings.layout, prefix=prefix or settings.prefix,
+                            configure_redis=configure_redis, sweep_seconds=sweep_seconds,
+                            batch_size=batch_size, workers=workers)
+    if metrics_port is not None:
+        from memshift.observe.metrics import serve
+
+        serve(metrics_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started: list[bool] = []
+
+    def report(now: FollowStatus) -> None:
+        if as_json:
+            emit_json(now.as_json())
+            return
+        if not started:  # the first report comes once the follower is subscribed
+            started.append(True)
+            out.print(f"following {options.layout}:{options.prefix} in "
+                      f"{redact(settings.redis_url or '')} as follower {now.follower_id} "
+                      "(Ctrl-C or SIGTERM stops it)", highlight=False)
+        colour = "green" if now.lag_seconds <= FOLLOW_MAX_LAG_SECONDS else "red"
+        out.print(f"lag [{colour}]{now.lag_seconds:,.2f} s[/] · {now.events_per_second:,.0f} "
+                  f"events/s · {now.sessions_per_second:,.0f} sessions/s applied · "
+                  f"{now.pending_sessions:,} pending · {now.sessions_applied:,} applied, "
+                  f"{now.sessions_expired:,} expired, {now.quarantined:,} quarantined"
+                  + ("" if now.caught_up else " · catching up"), highlight=False)
+
+    final = follow(settings, options, stop=stop, on_status=report,
+                   report_seconds=report_seconds)
+    report(final)
 
 
 @quarantine_app.command("list")
@@ -535,28 +695,55 @@ rule_app = typer.Typer(help="The Plan's rules: the rollback rule and the shadow 
 app.add_typer(rule_app, name="rule", no_args_is_help=True)
 
 
-def _show_rules(plan: Any, as_json: bool) -> None:
+def _show_rules(plan: Any, as_json: bool, drift: list[Any] | None = None) -> None:
     from memshift.migrate.rule import RollbackRule, shadow_sample_rate
 
     rule = RollbackRule.of(plan)
     rate = shadow_sample_rate(plan)
     if as_json:
-        emit_json({"version": plan.version, "rollback": rule.model_dump(mode="json"),
-                   "shadow_sample_rate": rate})
+        shown = {"version": plan.version, "rollback": rule.model_dump(mode="json"),
+                 "shadow_sample_rate": rate}
+        if drift is not None:
+            shown["slices"] = [d.as_json() for d in drift]
+        emit_json(shown)
         return
     out.print(f"rollback rule (Plan version {plan.version}): a cutover slice goes back to "
               f"Redis when more than {rule.drift_rate:g} % of its last {rule.window} judged "
               f"parity results fail, or any fails {', '.join(rule.critical) or '(none)'}")
     out.print(f"live shadow compare: {rate:.2%} of shadow and cutover reads")
+    if drift:
+        _show_drift(plan, drift)
+
+
+def _show_drift(plan: Any, drift: list[Any]) -> None:
+    table = Table("read path", "cohort", "judged (live + batch)", "failed", "drift",
+                  "critical failures", "since", "rule",
+                  title=f"drift per read path, over the last {drift[0].rule.window} judged "
+                        "results")
+    for d in drift:
+        acting = plan.stage == "cutover" and bool(d.percent)
+        verdict = ("[red]fires[/]" if acting else "[yellow]over[/]") if d.over_rule else "holds"
+        table.add_row(escape(d.read_path), "no slice" if d.percent is None else f"{d.percent:g} %",
+                      f"{d.judged:,} ({d.live:,} + {d.judged - d.live:,})", f"{d.failed:,}",
+                      f"{d.drift_rate:.2f} %",
+                      ", ".join(f"{k} ({n})" for k, n in sorted(d.critical_failures.items()))
+                      or "—", f"{d.since:%Y-%m-%d %H:%M:%S}" if d.since else "—", verdict)
+    out.print(table)
+    if plan.stage != "cutover":
+        out.print(f"[dim]the rule acts only in cutover (the Plan is at {plan.stage})[/]")
 
 
 @rule_app.command("show")
 def rule_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """The rollback rule and the live compare's sample rate, as the Plan holds them."""
+    """The rollback rule and the live compare's sample rate, as the Plan holds them, and
+    each read path's drift over the rule's window (failed share of its latest judged
+    parity results since its slice or the stage last changed).
+    """
     from memshift.migrate.plan import load_plan
+    from memshift.migrate.rule import slice_drift
 
     with _plan_conn(ctx) as conn:
-        _show_rules(load_plan(conn), as_json)
+        _show_rules(load_plan(conn), as_json, slice_drift(conn))
 
 
 @rule_app.command("set")
@@ -610,6 +797,7 @@ def watch_cmd(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON line per check (for scripts).")
     ] = False,
+    metrics_port: MetricsPort = None,
 ) -> None:
     """Enforce the rollback rule: move each cutover slice whose parity drifts back to
     Redis (audited as `memshift watch`). It never advances a slice again: a person does.
@@ -629,7 +817,9 @@ def watch_cmd(
         if once and not firings:
             out.print(f"{at} the rollback rule holds: nothing to move back")
 
-    watch(settings_of(ctx), interval=interval, once=once, on_pass=report)
+    settings = settings_of(ctx)
+    serve_metrics(settings, metrics_port)
+    watch(settings, interval=interval, once=once, on_pass=report)
 
 
 @app.command("repair")
@@ -643,21 +833,33 @@ def repair_cmd(
         typer.Option("--spool", help="Spool file to move into the queue first "
                                      "[default: DATA_DIR/repair.spool].", show_default=False),
     ] = None,
+    from_parity: Annotated[
+        bool,
+        typer.Option("--from-parity", help="First queue every session whose latest parity "
+                     "result is a failure, to be copied whole from the Plan's primary."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Drain the repair queue: copy each session with failed secondary writes whole
     from the other store into the one that missed them.
 
     Moves the local spool (writes that failed while PostgreSQL was down) into the
-    queue first. Safe to run twice, or from several machines at once. Exit 1 when
-    some sessions could not be repaired (they stay queued, with the error).
+    queue first; with --from-parity, also the sessions that `memshift parity` last
+    judged `fail` (refused in retired). Safe to run twice, or from several machines
+    at once. Exit 1 when some sessions could not be repaired (they stay queued, with
+    the error).
     """
     from memshift.migrate.repair import repair
 
-    summary = repair(settings_of(ctx), limit=limit, spool_path=spool)
+    summary = repair(settings_of(ctx), limit=limit, spool_path=spool, from_parity=from_parity)
     if as_json:
         emit_json(summary.as_json())
     else:
+        if summary.from_parity is not None:
+            queued = summary.from_parity
+            out.print(f"queued {queued.queued:,} session(s) whose latest parity result is a "
+                      f"failure, to copy from {queued.source} into {queued.target} "
+                      f"({queued.already_queued:,} were queued already)")
         out.print(
             f"repaired {summary.sessions_repaired:,} session(s) ({summary.entries_done:,} "
             f"queued write(s), {summary.vanished:,} gone from their source), "
@@ -779,15 +981,33 @@ def rehearse_cmd(
     ] = False,
     drill: Annotated[
         str | None,
-        typer.Option("--drill", help="Run an interruption drill instead: kill-backfill "
-                                     "(pg-outage is not built yet).", show_default=False),
+        typer.Option("--drill", help="Run an interruption drill instead: kill-backfill or "
+                                     "pg-outage.", show_default=False),
     ] = None,
     sessions: Annotated[
-        int, typer.Option("--sessions", min=1, help="Drill: sessions to generate.")
-    ] = 300,
+        int | None,
+        typer.Option("--sessions", min=1, show_default=False,
+                     help="Drill: sessions to generate [default 300 for kill-backfill, 40 "
+                          "for pg-outage]."),
+    ] = None,
     kills: Annotated[
-        int, typer.Option("--kills", min=0, help="Drill: times to SIGKILL the backfill.")
+        int, typer.Option("--kills", min=0, help="kill-backfill: times to SIGKILL the backfill.")
     ] = 3,
+    outage: Annotated[
+        float, typer.Option("--outage", min=0.1,
+                            help="pg-outage: seconds PostgreSQL is unreachable.")
+    ] = 6.0,
+    faults: Annotated[
+        str, typer.Option("--faults", help="pg-outage: the faults, in turn, each for an equal "
+                                           "share of --outage (hang, refuse, cut).")
+    ] = "hang,refuse,cut",
+    stage: Annotated[
+        str, typer.Option("--stage", help="pg-outage: the stage the traffic runs in "
+                                          "(dual_write, or cutover with `resume` cut over).")
+    ] = "dual_write",
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="pg-outage: routers writing at once.")
+    ] = 4,
 ) -> None:
     """Resume sample sessions from PostgreSQL and from Redis side by side.
 
@@ -800,30 +1020,30 @@ def rehearse_cmd(
     SIGKILLs `memshift backfill` --kills times, runs it to completion, then checks the
     stores, parity and the Plan; exit 1 if any figure is off. Its synthetic sessions
     are deleted from both stores afterwards (its backfill run row stays as the record).
-    (--drill pg-outage is not built yet.)
+
+    --drill pg-outage runs synthetic agent traffic through routers in --stage (in a
+    scratch database of its own), makes PostgreSQL unreachable for --outage seconds
+    (--faults), heals it, drains `memshift repair`, then checks the stores session by
+    session, parity and the Plan; exit 1 if any figure is off. The scratch database
+    and the drill's Redis keys are removed afterwards.
     """
-    from memshift.migrate.rehearse import DRILLS, drill_kill_backfill, rehearse
+    from memshift.migrate.rehearse import DRILLS, drill_kill_backfill, drill_pg_outage, rehearse
 
     if drill is not None:
         if drill not in DRILLS:
-            raise ConfigError(f"unknown drill {drill!r}; known: {', '.join(DRILLS)} "
-                              "(pg-outage is not built yet)")
+            raise ConfigError(f"unknown drill {drill!r}; known: {', '.join(DRILLS)}")
         if sample is not None or session:
             raise ConfigError("--drill runs on sessions of its own: drop --sample/--session")
-        report = drill_kill_backfill(settings_of(ctx), sessions=sessions, kills=kills)
-        if as_json:
-            emit_json(report.as_json())
+        if drill == "kill-backfill":
+            report = drill_kill_backfill(settings_of(ctx), sessions=sessions or 300,
+                                         kills=kills)
+            left = "its backfill run row is the record"
         else:
-            drill_table = Table("figure", "value", "expected", "ok",
-                                title=f"rehearse --drill {report.drill}")
-            for figure in report.figures:
-                mark = "[green]ok[/]" if figure.ok else "[red]OFF[/]"
-                drill_table.add_row(escape(figure.name), escape(str(figure.value)),
-                                    escape(str(figure.expected)), mark)
-            out.print(drill_table)
-            out.print(f"drill {report.drill} on prefix {escape(report.prefix)}: verdict "
-                      f"{report.verdict}. Its {len(report.session_ids):,} synthetic session(s) "
-                      "were deleted from both stores; its backfill run row is the record.")
+            report = drill_pg_outage(
+                settings_of(ctx), sessions=sessions or 40, outage=outage, stage=stage,
+                faults=[f.strip() for f in faults.split(",") if f.strip()], workers=workers)
+            left = "so was its scratch database"
+        _show_drill(report, left, as_json)
         if not report.ok:
             raise typer.Exit(1)
         return
@@ -854,6 +1074,139 @@ def rehearse_cmd(
         out.print(f"{sum(counts.values()):,} session(s) rehearsed: {counts['same']:,} same, "
                   f"{counts['differs']:,} differ, {counts['error']:,} error; overall {overall}")
     if overall != "same":
+        raise typer.Exit(1)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    ctx: typer.Context,
+    session_id: Annotated[str, typer.Argument(metavar="SESSION", help="The session id.")],
+    tail: Annotated[
+        int, typer.Option("--tail", min=0, help="Latest transcript messages to show.")
+    ] = 10,
+    show_values: Annotated[
+        bool,
+        typer.Option("--show-values", help="Show message content, summary text, checkpoint "
+                                           "state and tool errors (by default: length and "
+                                           "hash, so transcripts do not leak)."),
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (for scripts).")
+    ] = False,
+) -> None:
+    """One session in Redis and PostgreSQL side by side: status, transcript tail, tool
+    runs with attempts, summary, latest checkpoint; the diffs now, its recorded parity
+    results, the store each read path serves it from under the current Plan, and its
+    repair queue and quarantine entries.
+
+    Read-only. Exit 4 when neither store holds the session and nothing names it.
+    """
+    from memshift.inspect import inspect_session, renderables
+
+    found = inspect_session(settings_of(ctx), session_id)
+    if as_json:
+        emit_json(found.as_json(show_values=show_values, tail=tail))
+        return
+    for part in renderables(found, show_values=show_values, tail=tail):
+        out.print(part)
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port.")] = 8765,
+    allow_remote: Annotated[
+        bool,
+        typer.Option("--allow-remote",
+                     help="Allow a --host that is not loopback (others on the network can "
+                          "then reach the page; it is plain HTTP)."),
+    ] = False,
+) -> None:
+    """Serve the web dashboard: the Plan and its gates, parity trend and failing sessions,
+    backfill, repair queue, quarantine, audit log, a page per session, and /metrics.
+
+    Every page needs the token: $MEMSHIFT_DASHBOARD_TOKEN, or one generated now and
+    printed once. Plan changes (rollback, stage) ask for confirmation.
+    """
+    import os
+    import secrets
+
+    from memshift.web import TOKEN_ENV, check_listen, check_token, serve_dashboard
+
+    settings = settings_of(ctx)
+    need_postgres(settings)
+    remote = check_listen(host, allow_remote=allow_remote)
+    token = check_token(os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24))
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+    out.print(f"memshift dashboard on [bold]{url}[/] (Ctrl-C stops it)", highlight=False)
+    if os.environ.get(TOKEN_ENV):
+        out.print(f"token: the one in ${TOKEN_ENV}")
+    else:
+        out.print(f"token (shown once; set ${TOKEN_ENV} to choose one): [bold]{token}[/]",
+                  highlight=False)
+    if remote:
+        err.print(f"[yellow]warning:[/] anyone who reaches {escape(host)}:{port} "
+                  "and has the token can change the Plan; the page is plain HTTP, so put TLS "
+                  "in front of it beyond a trusted network", highlight=False)
+    serve_dashboard(settings, host, port, token, allow_remote=allow_remote)
+
+
+def _show_drill(report: Any, left: str, as_json: bool) -> None:
+    if as_json:
+        emit_json(report.as_json())
+        return
+    table = Table("figure", "value", "expected", "ok", title=f"rehearse --drill {report.drill}")
+    for figure in report.figures:
+        mark = "[green]ok[/]" if figure.ok else "[red]OFF[/]"
+        expected = "—" if figure.expected is None else str(figure.expected)
+        table.add_row(escape(figure.name), escape(str(figure.value)), escape(expected), mark)
+    out.print(table)
+    for note in report.notes:
+        out.print(f"[yellow]note:[/] {escape(note)}")
+    out.print(f"drill {report.drill} on prefix {escape(report.prefix)}: verdict "
+              f"{report.verdict}. Its {len(report.session_ids):,} synthetic session(s) were "
+              f"deleted from both stores; {left}.")
+
+
+@app.command("drill")
+def drill_cmd(
+    ctx: typer.Context,
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Drills to run [default: all]: crash-backfill, crash-repair, "
+                            "crash-dual-write, outage-postgres, outage-redis, concurrency, "
+                            "hostile-input, security.", show_default=False),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The short configuration (as in CI).")
+    ] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Same seed, same random choices.")] = 0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object per drill (for scripts).")
+    ] = False,
+) -> None:
+    """Fault drills: crash, outage, concurrency, hostile input, security; a table of figures.
+
+    Each drill runs in a scratch database of its own (created beside --postgres-dsn's,
+    dropped afterwards: the role needs CREATEDB) and a key prefix of its own in Redis,
+    so your migration's Plan, queue and sessions are not touched. Exit 1 when any
+    drill fails. See docs/drills.md.
+    """
+    from memshift.drills.runner import run_drills
+    from memshift.drills.table import json_line, print_result, print_summary
+
+    results = []
+    for result in run_drills(settings_of(ctx), names or (), quick=quick, seed=seed):
+        results.append(result)
+        if as_json:
+            sys.stdout.write(json_line(result) + "\n")
+            sys.stdout.flush()
+        else:
+            print_result(out, result)
+    if not as_json:
+        print_summary(out, results)
+    if not all(r.ok for r in results):
         raise typer.Exit(1)
 
 

@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -31,9 +32,13 @@ from psycopg.conninfo import conninfo_to_dict
 from memshift.errors import ConfigError
 from memshift.redact import redact
 
-__all__ = ["CONFIG_FILENAME", "Settings", "describe", "load_settings", "redact", "where_to_set"]
+__all__ = ["CONFIG_FILENAME", "DEFAULT_SECONDARY_TIMEOUT", "Settings", "describe",
+           "load_settings", "redact", "where_to_set"]
 
 CONFIG_FILENAME: Final = "memshift.toml"
+# How long a router's write to the secondary store may take before it counts as failed
+# (queued for repair); the MigratingStore's default too.
+DEFAULT_SECONDARY_TIMEOUT: Final = 2.0
 _TOML_TABLE: Final = "memshift"
 REDIS_SCHEMES: Final = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 # A ``:secret@`` left after redaction: a colon not starting ``//`` and not ``:***@``.
@@ -87,6 +92,15 @@ class Settings:
         },
     )
 
+    secondary_timeout_seconds: float = field(
+        default=DEFAULT_SECONDARY_TIMEOUT,
+        metadata={
+            "help": "How long a router's write to PostgreSQL as the secondary store may "
+            "take before it counts as failed and is queued for repair, in seconds. "
+            f"Default: {DEFAULT_SECONDARY_TIMEOUT:g}."
+        },
+    )
+
     def __post_init__(self) -> None:
         for f in fields(self):
             _check(f.name, getattr(self, f.name), "the value given")
@@ -122,6 +136,7 @@ def describe(settings: Settings) -> dict[str, object]:
         "prefix": settings.prefix,
         "ttl_seconds": settings.ttl_seconds,
         "data_dir": str(settings.data_dir),
+        "secondary_timeout_seconds": settings.secondary_timeout_seconds,
     }
 
 
@@ -234,6 +249,20 @@ def _coerce(name: str, raw: object, origin: str, *, from_toml: bool = False) -> 
             f"expected a whole number of seconds, got {_typed(raw)}",
             "set it to a positive integer such as 86400, or leave it unset",
         )
+    if name == "secondary_timeout_seconds":
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str) and not from_toml:
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise _problem(
+            name,
+            origin,
+            f"expected a number of seconds, got {_typed(raw)}",
+            f"set it to a number above 0 such as {DEFAULT_SECONDARY_TIMEOUT:g}, or leave it unset",
+        )
     if name == "data_dir":
         if isinstance(raw, Path) and not from_toml:
             return raw
@@ -294,12 +323,17 @@ def _check(name: str, value: object, origin: str) -> None:
             _check_dsn(_str(name, value, origin), origin)
     elif name in ("layout", "prefix"):
         text = _str(name, value, origin)
+        # A layout may also be the path of a description file (docs/layouts/custom.md).
+        if name == "layout" and re.fullmatch(r"[A-Za-z0-9_./-]+\.toml", text):
+            return
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
             raise _problem(
                 name,
                 origin,
                 f"{_echo(text)} is not a plain name",
-                "use letters, digits, '_', '-' or '.', with no spaces or ':'",
+                "use letters, digits, '_', '-' or '.', with no spaces or ':'"
+                + (" (or the path of a layout description ending in .toml)"
+                   if name == "layout" else ""),
             )
     elif name == "ttl_seconds":
         if value is not None and (
@@ -310,6 +344,16 @@ def _check(name: str, value: object, origin: str) -> None:
                 origin,
                 f"{_typed(value)} is not a positive number of seconds",
                 "set it to a positive integer such as 86400, or leave it unset",
+            )
+    elif name == "secondary_timeout_seconds":
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 < value < math.inf):
+            raise _problem(
+                name,
+                origin,
+                f"{_typed(value)} is not a number of seconds above 0",
+                f"set it to a number above 0 such as {DEFAULT_SECONDARY_TIMEOUT:g}, "
+                "or leave it unset",
             )
     elif name == "data_dir" and not isinstance(value, Path):
         raise _problem(

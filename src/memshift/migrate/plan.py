@@ -32,12 +32,14 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from memshift.errors import MemshiftError, StoreUnavailable, ValidationError
+from memshift.errors import MemshiftError, SchemaError, StoreUnavailable, ValidationError
 from memshift.redact import redact
 from memshift.sql.queries import query
 
 StoreName = Literal["redis", "postgres"]
 CHANNEL = "memshift_plan"  # NOTIFY channel the Plan's version is announced on
+# The retired stage's cache epoch is announced on the same channel, as this + the epoch.
+CACHE_EPOCH_NOTICE = "cache_epoch "
 _LISTEN = sql.SQL("LISTEN {}").format(sql.Identifier(CHANNEL))
 
 
@@ -150,6 +152,25 @@ def load_plan(conn: psycopg.Connection[Any]) -> Plan:
     return Plan.model_validate(row)
 
 
+def _cache_epoch_of(row: tuple[Any, ...] | None) -> int:
+    if row is None:
+        raise MemshiftError("the cache epoch row is missing; run `memshift db upgrade`")
+    return int(row[0])
+
+
+def _no_cache_epoch_table() -> SchemaError:
+    return SchemaError("memshift.cache_epoch is missing: the schema is older than this "
+                       "memshift; run `memshift db upgrade` first")
+
+
+def load_cache_epoch(conn: psycopg.Connection[Any]) -> int:
+    """The retired stage's cache epoch (see stores/_async/cache.py)."""
+    try:
+        return _cache_epoch_of(conn.execute(query("cache_epoch_get")).fetchone())
+    except psycopg.errors.UndefinedTable:
+        raise _no_cache_epoch_table() from None
+
+
 # -- gates -----------------------------------------------------------------------------
 
 
@@ -204,23 +225,63 @@ def _parity_pass_rate(conn: psycopg.Connection[Any]) -> Gate:
                 detail + f" (need {PARITY_MIN_PASS_RATE:g} %)", how)
 
 
-GateCheck = Callable[[psycopg.Connection[Any]], Gate]
+# The follower gate: in follow mode (a `memshift follow` runs, or died running)
+# PostgreSQL is only as fresh as the follower's position, so moving on waits for it.
+FOLLOW_MAX_LAG_SECONDS = 10.0
+
+
+def _followers(conn: psycopg.Connection[Any]) -> tuple[int, float, str | None]:
+    """Followers running (or died running), the furthest one's lag and its prefix."""
+    exists = conn.execute("SELECT to_regclass('memshift.followers')").fetchone()
+    if not exists or exists[0] is None:
+        return 0, 0.0, None
+    row = conn.execute(query("gate_follow")).fetchone()
+    return (row[0], row[1], row[2]) if row else (0, 0.0, None)
+
+
+def _follower_lag(conn: psycopg.Connection[Any]) -> Gate | None:
+    """None (no gate) unless follow mode is in use."""
+    running, lag, prefix = _followers(conn)
+    if not running:
+        return None
+    return Gate(
+        "follower lag", lag <= FOLLOW_MAX_LAG_SECONDS,
+        f"{running} follower(s); the furthest behind (prefix {prefix}) lags {lag:,.1f} s "
+        f"(need at most {FOLLOW_MAX_LAG_SECONDS:g} s)",
+        "start `memshift follow` again if it stopped, and wait until `memshift follow "
+        "--status` shows it caught up; stop a follower no longer needed with Ctrl-C",
+    )
+
+
+def _parity_when_following(conn: psycopg.Connection[Any]) -> Gate | None:
+    """In follow mode no router's dual-writes vouch for PostgreSQL: parity must, first."""
+    return _parity_pass_rate(conn) if _followers(conn)[0] else None
+
+
+GateCheck = Callable[[psycopg.Connection[Any]], Gate | None]
 
 # The gates a forward move into each stage must pass.
 GATES: dict[Stage, tuple[GateCheck, ...]] = {
     Stage.DUAL_WRITE: (),
-    Stage.SHADOW: (_backfill_complete,),
-    Stage.CUTOVER: (_backfill_complete, _repair_queue_empty, _parity_pass_rate),
-    Stage.PG_PRIMARY: (_backfill_complete, _repair_queue_empty, _parity_pass_rate),
+    Stage.SHADOW: (_backfill_complete, _follower_lag, _parity_when_following),
+    Stage.CUTOVER: (_backfill_complete, _repair_queue_empty, _parity_pass_rate, _follower_lag),
+    Stage.PG_PRIMARY: (_backfill_complete, _repair_queue_empty, _parity_pass_rate,
+                       _follower_lag),
     Stage.RETIRED: (_repair_queue_empty,),
 }
 
 
 def check_gates(conn: psycopg.Connection[Any], target: Stage) -> list[Gate]:
-    return [check(conn) for check in GATES.get(target, ())]
+    return [gate for check in GATES.get(target, ()) if (gate := check(conn)) is not None]
 
 
 # -- changes ---------------------------------------------------------------------------
+
+
+def _retired_since_redis_led(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the Plan was retired after Redis last led the writes (see queries.sql)."""
+    row = conn.execute(query("plan_retired_since_redis_led")).fetchone()
+    return bool(row and row[0])
 
 
 def _change(
@@ -304,10 +365,12 @@ def set_stage(
                                 for g in failed)
                     + "; or pass --force with a --reason to override"
                 )
-        elif current is Stage.RETIRED and goal.order < Stage.PG_PRIMARY.order and not force:
+        elif goal.order < Stage.PG_PRIMARY.order and not force and _retired_since_redis_led(
+                conn):
             raise IllegalMove(
-                "since retirement Redis has received no writes, so reads cannot go back to "
-                "it; move back to pg_primary first (Redis gets writes again), or --force"
+                "the Plan was retired, and since then Redis has received no writes (moving "
+                "back to pg_primary does not copy them back), so reads cannot go back to it; "
+                "stay at pg_primary or later, or --force"
             )
         return _parts(plan) | {"stage": goal}
 
@@ -368,6 +431,12 @@ def rollback(
                 "since retirement Redis has received no writes: roll back to pg_primary "
                 "with `memshift stage set pg_primary` first"
             )
+        if plan.stage.order > Stage.SHADOW.order and _retired_since_redis_led(conn):
+            raise IllegalMove(
+                "the Plan was retired, and Redis lacks the writes made while it was, so "
+                "reads cannot go back to it; roll back a read path (--path) instead, or "
+                "`memshift stage set` with --force"
+            )
         stage = Stage.SHADOW if plan.stage.order > Stage.SHADOW.order else plan.stage
         slices = {k: v.model_copy(update={"percent": 0.0}) for k, v in plan.slices.items()}
         return _parts(plan) | {"stage": stage, "slices": slices}
@@ -411,6 +480,19 @@ class PlanSource(Protocol):
 
     def repair_targets(self) -> frozenset[str] | None:
         """The stores some repair is pending for, as last seen; None when not watched."""
+        ...
+
+
+@runtime_checkable
+class CacheEpochSource(Protocol):
+    """A Plan source that also follows the retired stage's cache epoch (the watchers).
+
+    A router whose source is not one asks PostgreSQL for the epoch itself, at most
+    once a second.
+    """
+
+    def cache_epoch(self) -> int | None:
+        """The newest cache epoch seen; None before the first load."""
         ...
 
 
@@ -467,6 +549,25 @@ class _Freshness:
         self.reloads = 0
         self._repair_targets: frozenset[str] | None = None
         self._repairs_seen = float("-inf")
+        self._cache_epoch: int | None = None
+
+    def cache_epoch(self) -> int | None:
+        return self._cache_epoch
+
+    def _saw_cache_epoch(self, epoch: int) -> None:
+        if self._cache_epoch is None or epoch > self._cache_epoch:
+            self._cache_epoch = epoch
+
+    def _heard(self, payloads: list[str]) -> bool:
+        """Take the cache epochs announced; True when the Plan itself was announced."""
+        plan_changed = False
+        for payload in payloads:
+            epoch = payload.removeprefix(CACHE_EPOCH_NOTICE)
+            if epoch != payload and epoch.isdigit():
+                self._saw_cache_epoch(int(epoch))
+            else:
+                plan_changed = True
+        return plan_changed
 
     def repair_targets(self) -> frozenset[str] | None:
         if time.monotonic() - self._repairs_seen > self.max_staleness:
@@ -516,7 +617,9 @@ class PlanWatcher(_Freshness):
     The Plan is loaded when the watcher starts (so a router never runs without one);
     then every NOTIFY on ``CHANNEL`` and every ``poll_seconds`` reload it. When no
     reload has succeeded for ``max_staleness`` seconds, ``current()`` reports the Plan
-    as stale (logged once; the recovery too). ``close()`` stops the thread.
+    as stale (logged once; the recovery too). ``close()`` stops the thread. It also
+    follows the retired stage's cache epoch (``cache_epoch()``): loaded with the Plan,
+    and taken from the notifications that announce its bumps.
     """
 
     def __init__(
@@ -527,7 +630,10 @@ class PlanWatcher(_Freshness):
         self._conn: psycopg.Connection[Any] | None = None
         try:
             self._conn = self._connect()
-            self._refreshed_with(load_plan(self._conn))
+            self._refresh(self._conn)
+        except MemshiftError:
+            self._drop()
+            raise
         except psycopg.Error as exc:
             self._drop()
             raise StoreUnavailable(
@@ -552,6 +658,11 @@ class PlanWatcher(_Freshness):
         conn.execute(_LISTEN)
         return conn
 
+    def _refresh(self, conn: psycopg.Connection[Any]) -> None:
+        # The epoch first: a Plan fresh at time t vouches for the epoch as of t.
+        self._saw_cache_epoch(load_cache_epoch(conn))
+        self._refreshed_with(load_plan(conn))
+
     def _drop(self) -> None:
         if self._conn is not None:
             self._conn.close()
@@ -563,12 +674,12 @@ class PlanWatcher(_Freshness):
             try:
                 if self._conn is None:
                     self._conn = self._connect()
-                    self._refreshed_with(load_plan(self._conn))
+                    self._refresh(self._conn)
                     last_poll = time.monotonic()
-                notified = any(True for _ in self._conn.notifies(timeout=_WAIT_SLICE,
-                                                                 stop_after=1))
+                notified = self._heard([n.payload for n in self._conn.notifies(
+                    timeout=_WAIT_SLICE, stop_after=1)])
                 if notified or time.monotonic() - last_poll >= self.poll_seconds:
-                    self._refreshed_with(load_plan(self._conn))
+                    self._refresh(self._conn)
                     last_poll = time.monotonic()
                 if self._repairs_due():
                     self._saw_repairs(self._conn.execute(query("repair_targets")).fetchall())
@@ -604,7 +715,10 @@ class AsyncPlanWatcher(_Freshness):
             return
         try:
             self._conn = await self._connect()
-            self._refreshed_with(await self._load())
+            await self._refresh()
+        except MemshiftError:
+            await self._drop()
+            raise
         except psycopg.Error as exc:
             await self._drop()
             raise StoreUnavailable(
@@ -626,6 +740,15 @@ class AsyncPlanWatcher(_Freshness):
         await conn.execute(_LISTEN)
         return conn
 
+    async def _refresh(self) -> None:
+        assert self._conn is not None
+        try:
+            cur = await self._conn.execute(query("cache_epoch_get"))
+            self._saw_cache_epoch(_cache_epoch_of(await cur.fetchone()))
+        except psycopg.errors.UndefinedTable:
+            raise _no_cache_epoch_table() from None
+        self._refreshed_with(await self._load())
+
     async def _load(self) -> Plan:
         assert self._conn is not None
         async with self._conn.cursor(row_factory=dict_row) as cur:
@@ -646,13 +769,12 @@ class AsyncPlanWatcher(_Freshness):
             try:
                 if self._conn is None:
                     self._conn = await self._connect()
-                    self._refreshed_with(await self._load())
+                    await self._refresh()
                     last_poll = time.monotonic()
-                notified = False
-                async for _ in self._conn.notifies(timeout=_WAIT_SLICE, stop_after=1):
-                    notified = True
-                if notified or time.monotonic() - last_poll >= self.poll_seconds:
-                    self._refreshed_with(await self._load())
+                payloads = [n.payload async for n in self._conn.notifies(
+                    timeout=_WAIT_SLICE, stop_after=1)]
+                if self._heard(payloads) or time.monotonic() - last_poll >= self.poll_seconds:
+                    await self._refresh()
                     last_poll = time.monotonic()
                 if self._repairs_due():
                     cur = await self._conn.execute(query("repair_targets"))

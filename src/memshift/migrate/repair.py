@@ -13,6 +13,11 @@ workers share the queue) and deleted in the same transaction that claimed them, 
 the copy succeeded: a crash mid-drain leaves them queued, and the next run copies the
 session again, which changes nothing twice. Only the rows claimed are deleted: a
 write that fails again meanwhile adds a row that the next pass picks up.
+
+Parity finds what no failed write recorded (a process killed between its two
+writes, say): :func:`queue_parity_failures` (``memshift repair --from-parity``)
+queues every session whose latest parity result is ``fail`` for the same
+whole-session repair, from the Plan's primary into the other store.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from typing import Any
 import psycopg
 
 from memshift.config import Settings, require_stores
-from memshift.errors import MemshiftError, StoreUnavailable
+from memshift.errors import ConfigError, MemshiftError, StoreUnavailable
 from memshift.migrate import spool
 from memshift.migrate.backfill import connect
 from memshift.migrate.bulk import merge_states
+from memshift.migrate.plan import Stage, load_plan
 from memshift.model import SessionState, StatusChange
 from memshift.redact import redact
 from memshift.sql.queries import query
@@ -43,6 +49,24 @@ class RepairFailure:
     error: str
 
 
+class RepairRefused(MemshiftError):
+    """Parity failures cannot be queued for repair under this Plan (the message says why)."""
+
+
+@dataclass(frozen=True)
+class ParityQueueing:
+    """What ``queue_parity_failures`` did."""
+
+    failing: int  # sessions whose latest parity result is a failure
+    queued: int  # of them, queued now
+    already_queued: int  # of them, queued for the same store before
+    source: str  # the Plan's primary: they are copied from it...
+    target: str  # ... into this store
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass
 class RepairSummary:
     moved_from_spool: int = 0  # spool lines moved into the queue
@@ -52,6 +76,7 @@ class RepairSummary:
     failed: list[RepairFailure] = field(default_factory=list)  # left queued, with the error
     remaining: int = 0  # queue rows left at the end
     seconds: float = 0.0
+    from_parity: ParityQueueing | None = None  # with --from-parity: what was queued first
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,10 +110,45 @@ def copy_to_redis(store: RedisStore, state: SessionState) -> None:
         store.put_checkpoint(sid, state.latest_checkpoint)
 
 
+def queue_parity_failures(settings: Settings) -> ParityQueueing:
+    """Queue every session whose latest parity result is ``fail`` for a whole-session
+    repair from the Plan's primary into the other store; ``repair`` then drains them.
+
+    A session already queued for that store is not queued twice. Refused (RepairRefused)
+    in ``retired``, where Redis is a cache that nothing is repaired into.
+    """
+    if not settings.postgres_dsn:
+        raise ConfigError("queueing parity failures needs PostgreSQL: set --postgres-dsn / "
+                          "MEMSHIFT_POSTGRES_DSN")
+    with connect(settings.postgres_dsn) as conn:
+        return _queue_parity_failures(conn)
+
+
+def _queue_parity_failures(conn: psycopg.Connection[Any]) -> ParityQueueing:
+    plan = load_plan(conn)
+    if plan.stage is Stage.RETIRED:
+        raise RepairRefused(
+            "the Plan is at retired: Redis is only a cache there and gets no writes, so "
+            "parity failures are expected and nothing is repaired into it; to repair "
+            "Redis, move back first (`memshift stage set pg_primary --reason ...`)"
+        )
+    source = plan.writes()[0]
+    target = "postgres" if source == "redis" else "redis"
+    row = conn.execute(query("repair_enqueue_parity_failures"),
+                       {"target": target, "source": source}).fetchone()
+    failing, queued = (int(row[0]), int(row[1])) if row else (0, 0)
+    return ParityQueueing(failing, queued, failing - queued, source, target)
+
+
 def repair(
-    settings: Settings, *, limit: int | None = None, spool_path: Path | None = None
+    settings: Settings, *, limit: int | None = None, spool_path: Path | None = None,
+    from_parity: bool = False,
 ) -> RepairSummary:
-    """Move the spool into the queue, then repair up to ``limit`` sessions (all if None)."""
+    """Move the spool into the queue, then repair up to ``limit`` sessions (all if None).
+
+    With ``from_parity``, first queue the sessions whose latest parity result fails
+    (see :func:`queue_parity_failures`).
+    """
     redis_url, postgres_dsn = require_stores(settings, "repair")
     started = time.monotonic()
     summary = RepairSummary()
@@ -99,6 +159,8 @@ def repair(
         postgres_dsn, min_size=1, max_size=2
     ) as pg_store:
         summary.moved_from_spool = spool.drain(path, lambda entries: _enqueue(conn, entries))
+        if from_parity:
+            summary.from_parity = _queue_parity_failures(conn)
         row = conn.execute("SELECT clock_timestamp()").fetchone()
         assert row is not None
         since = row[0]  # rows that fail from now on wait for the next run

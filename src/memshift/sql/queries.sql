@@ -664,10 +664,10 @@ SELECT max(at) FROM memshift.plan_audit
 
 -- name: rule_window
 -- The newest judged results for this read path (batch ones, with no path, count for
--- every path) since its slice changed: how many, how many failed, and how many
--- failures of each critical check.
+-- every path) since its slice changed: how many, how many failed, how many
+-- failures of each critical check, and how many are live compares of the path.
 WITH latest AS (
-    SELECT status, checks FROM memshift.parity_results
+    SELECT status, checks, read_path FROM memshift.parity_results
      WHERE status <> 'pending' AND (%(since)s::timestamptz IS NULL OR checked_at > %(since)s)
        AND (read_path IS NULL OR read_path = %(read_path)s)
      ORDER BY checked_at DESC, id DESC
@@ -680,7 +680,8 @@ SELECT (SELECT count(*) FROM latest),
               FROM latest, jsonb_each(latest.checks) AS c(name, ok)
              WHERE latest.status = 'fail' AND c.ok = 'false'::jsonb
                AND c.name = ANY(%(critical)s::text[])
-             GROUP BY c.name) AS failures)
+             GROUP BY c.name) AS failures),
+       (SELECT count(*) FROM latest WHERE read_path IS NOT NULL)
 
 -- ---------------------------------------------------------------------------------
 -- Rehearsal drills.
@@ -696,3 +697,361 @@ u AS (DELETE FROM memshift.summaries WHERE session_id IN (SELECT session_id FROM
 k AS (DELETE FROM memshift.checkpoints WHERE session_id IN (SELECT session_id FROM ids)),
 e AS (DELETE FROM memshift.events WHERE session_id IN (SELECT session_id FROM ids))
 DELETE FROM memshift.sessions WHERE session_id IN (SELECT session_id FROM ids)
+
+-- ---------------------------------------------------------------------------------
+-- Metrics (issue 7): the state collector of observe/metrics.py, read at each scrape.
+
+-- name: metrics_parity_latest
+-- The latest results by status: the window the stage gates read (pending included).
+SELECT status, count(*)
+  FROM (SELECT status FROM memshift.parity_results
+         ORDER BY checked_at DESC, id DESC
+         LIMIT %(window)s) AS latest
+ GROUP BY status
+
+-- name: metrics_parity_recent
+-- Results by status checked in the last few seconds (the trend).
+SELECT status, count(*) FROM memshift.parity_results
+ WHERE checked_at > now() - make_interval(secs => %(seconds)s)
+ GROUP BY status
+
+-- name: metrics_quarantine
+-- Open quarantine entries by reason class (the reasons are prose: classify by wording).
+SELECT CASE
+         WHEN reason LIKE '%over the limit%' THEN 'oversize'
+         WHEN reason LIKE '%UTF-8%' THEN 'invalid_utf8'
+         WHEN reason LIKE '%NUL%' THEN 'nul'
+         WHEN reason LIKE '%not valid JSON%' THEN 'invalid_json'
+         WHEN reason ILIKE '%wrongtype%' OR reason LIKE '%wrong kind%'
+           OR reason LIKE '%Redis type%' THEN 'wrong_redis_type'
+         WHEN reason LIKE '%bytes long%' OR reason LIKE '%longer than%' THEN 'id_too_long'
+         ELSE 'invalid_record'
+       END AS reason_class,
+       count(*)
+  FROM memshift.quarantine WHERE state = 'open'
+ GROUP BY 1
+
+-- name: metrics_rollbacks
+-- Rollbacks in the audit: by the rule (its "who") or by a person; how many, the last.
+SELECT who = %(rule_who)s AS by_rule, count(*), max(at)
+  FROM memshift.plan_audit WHERE action = 'rollback'
+ GROUP BY 1
+
+-- ---------------------------------------------------------------------------------
+-- Inspect and dashboard (issue 7): the control plane as operators read it
+-- (observe/control_plane.py; `memshift inspect` and `memshift dashboard` share these).
+
+-- name: parity_results_of
+-- One session's recorded parity results, newest first.
+SELECT id, session_id, status, checks, diffs, checked_at, read_path
+  FROM memshift.parity_results
+ WHERE session_id = %(session_id)s
+ ORDER BY checked_at DESC, id DESC
+ LIMIT %(limit)s
+
+-- name: parity_span
+-- The first and last result within this many seconds before the newest one.
+SELECT min(checked_at), max(checked_at)
+  FROM memshift.parity_results
+ WHERE checked_at >= (SELECT max(checked_at) FROM memshift.parity_results)
+                     - make_interval(secs => %(seconds)s)
+
+-- name: parity_trend
+-- Results by status in buckets of this many seconds, from this time on.
+SELECT to_timestamp(floor(extract(epoch FROM checked_at) / %(bucket)s) * %(bucket)s) AS at,
+       count(*) FILTER (WHERE status = 'pass') AS pass,
+       count(*) FILTER (WHERE status = 'fail') AS fail,
+       count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'error') AS error
+  FROM memshift.parity_results
+ WHERE checked_at >= %(since)s
+ GROUP BY 1
+ ORDER BY 1
+
+-- name: parity_failing
+-- Sessions that failed (or errored) since this time and whose latest result still
+-- does: each with that latest result, newest first.
+WITH recent AS (
+    SELECT DISTINCT session_id FROM memshift.parity_results
+     WHERE status IN ('fail', 'error') AND checked_at >= %(since)s
+)
+SELECT latest.*
+  FROM recent CROSS JOIN LATERAL (
+        SELECT id, session_id, status, checks, diffs, checked_at, read_path
+          FROM memshift.parity_results r
+         WHERE r.session_id = recent.session_id
+         ORDER BY checked_at DESC, id DESC
+         LIMIT 1) AS latest
+ WHERE latest.status IN ('fail', 'error')
+ ORDER BY latest.checked_at DESC, latest.id DESC
+ LIMIT %(limit)s
+
+-- name: repair_entries
+-- The repair queue, oldest first; one session's rows when a session id is given.
+SELECT id, session_id, target, operation, error, enqueued_at, attempts, last_error,
+       last_attempt_at
+  FROM memshift.repair_queue
+ WHERE %(session_id)s::text IS NULL OR session_id = %(session_id)s
+ ORDER BY id
+ LIMIT %(limit)s
+
+-- name: quarantine_of_session
+-- One session's quarantine entries (by its printable id), from any source.
+SELECT id, source, session_id, reason, state, seen, first_seen, last_seen
+  FROM memshift.quarantine
+ WHERE session_id = %(session_id)s
+ ORDER BY last_seen DESC, id DESC
+
+-- name: quarantine_open_count
+SELECT count(*) FROM memshift.quarantine WHERE state = 'open'
+
+-- ---------------------------------------------------------------------------------
+-- Backfill fast path (issue 4): sessions PostgreSQL holds nothing of are COPYed
+-- straight into the tables (bulk.py); a plain insert that succeeds is what the
+-- guarded upserts do when they find no row, and a unique violation (a live write
+-- landed since this check) sends the whole group through the staging merge instead.
+
+-- name: bulk_fresh_sessions
+-- The ids given of which no table holds any row.
+SELECT ids.session_id
+  FROM unnest(%(ids)s::text[]) AS ids(session_id)
+ WHERE NOT EXISTS (SELECT 1 FROM memshift.sessions s WHERE s.session_id = ids.session_id)
+   AND NOT EXISTS (SELECT 1 FROM memshift.messages m WHERE m.session_id = ids.session_id)
+   AND NOT EXISTS (SELECT 1 FROM memshift.tool_runs t WHERE t.session_id = ids.session_id)
+   AND NOT EXISTS (SELECT 1 FROM memshift.summaries u WHERE u.session_id = ids.session_id)
+   AND NOT EXISTS (SELECT 1 FROM memshift.checkpoints c
+                    WHERE c.session_id = ids.session_id)
+   AND NOT EXISTS (SELECT 1 FROM memshift.events e WHERE e.session_id = ids.session_id)
+
+-- ---------------------------------------------------------------------------------
+-- Follow mode (memshift follow).
+
+-- name: follow_register
+-- The follower row of this source, made the first time; nothing else is touched
+-- until the advisory lock says no other process follows it.
+WITH made AS (
+    INSERT INTO memshift.followers (source, layout, prefix)
+    VALUES (%(source)s, %(layout)s, %(prefix)s)
+    ON CONFLICT (source, layout, prefix) DO NOTHING
+    RETURNING follower_id
+)
+SELECT follower_id FROM made
+UNION ALL
+SELECT follower_id FROM memshift.followers
+ WHERE source = %(source)s AND layout = %(layout)s AND prefix = %(prefix)s
+
+-- name: follow_lock
+-- Held by the following process's connection: PostgreSQL drops it when the process dies.
+SELECT pg_try_advisory_lock(%(space)s::int, %(follower_id)s::int)
+
+-- name: follow_start
+-- This process follows now. The position stays where the last follower left it (a
+-- restart catches up before moving it): how far behind it is, in seconds.
+UPDATE memshift.followers
+   SET state = 'running', worker = %(worker)s, started_at = now(), heartbeat_at = now()
+ WHERE follower_id = %(follower_id)s
+RETURNING extract(epoch FROM now() - applied_through)::float8
+
+-- name: follow_heartbeat
+-- The position (now minus the lag; it never moves back) and the counts since the last beat.
+UPDATE memshift.followers
+   SET heartbeat_at = now(),
+       applied_through = greatest(applied_through,
+                                  now() - make_interval(secs => %(lag)s::float8)),
+       events = events + %(events)s,
+       sessions_applied = sessions_applied + %(applied)s,
+       sessions_expired = sessions_expired + %(expired)s,
+       quarantined = quarantined + %(quarantined)s,
+       events_per_second = %(eps)s,
+       sessions_per_second = %(sps)s
+ WHERE follower_id = %(follower_id)s
+
+-- name: follow_stop
+UPDATE memshift.followers
+   SET state = 'stopped', heartbeat_at = now(), events_per_second = 0, sessions_per_second = 0
+ WHERE follower_id = %(follower_id)s
+
+-- name: follow_known
+-- For each session: the digest of what the follower last applied, and the next seq
+-- PostgreSQL would take (every seq below it is held there, or was trimmed in Redis).
+SELECT k.session_key, f.digest, s.next_seq
+  FROM unnest(%(keys)s::bytea[], %(ids)s::text[]) AS k(session_key, session_id)
+  LEFT JOIN memshift.follow_sessions f
+         ON f.follower_id = %(follower_id)s AND f.session_key = k.session_key
+  LEFT JOIN memshift.sessions s ON s.session_id = k.session_id
+
+-- name: follow_record
+-- What the follower applied; the sessions it merged whole are no longer quarantined.
+WITH applied AS (
+    INSERT INTO memshift.follow_sessions (follower_id, session_key, digest)
+    SELECT %(follower_id)s, k, d FROM unnest(%(keys)s::bytea[], %(digests)s::bytea[]) AS t(k, d)
+    ON CONFLICT (follower_id, session_key) DO UPDATE
+       SET digest = excluded.digest, applied_at = now(), gone_at = NULL
+)
+UPDATE memshift.quarantine SET state = 'resolved', resolved_at = now()
+ WHERE source = %(source)s AND session_key = ANY(%(resolved)s::bytea[]) AND state = 'open'
+
+-- name: follow_record_gone
+INSERT INTO memshift.follow_sessions (follower_id, session_key, digest, gone_at)
+SELECT %(follower_id)s, k, NULL, now() FROM unnest(%(keys)s::bytea[]) AS t(k)
+ON CONFLICT (follower_id, session_key) DO UPDATE
+   SET digest = NULL, applied_at = now(), gone_at = now()
+
+-- name: follow_mark_gone
+-- Sessions gone from Redis are kept, recorded as expired: the expiry is now (or the
+-- one recorded, if that has passed); a status that may move to expired does, with a
+-- version bump and its event, as a status change of the primary would. Returns the
+-- sessions changed (a session already recorded so is left as it is).
+WITH cur AS (
+    SELECT session_id, status FROM memshift.sessions
+     WHERE session_id = ANY(%(ids)s::text[])
+     ORDER BY session_id FOR UPDATE
+), upd AS (
+    UPDATE memshift.sessions s
+       SET expires_at = CASE WHEN s.expires_at <= now() THEN s.expires_at ELSE now() END,
+           status = CASE WHEN cur.status = ANY(%(legal_from)s) THEN 'expired' ELSE s.status END,
+           version = s.version + (cur.status = ANY(%(legal_from)s))::int,
+           updated_at = CASE WHEN cur.status = ANY(%(legal_from)s)
+                             THEN greatest(s.updated_at, now()) ELSE s.updated_at END,
+           next_event_seq = s.next_event_seq + (cur.status = ANY(%(legal_from)s))::int
+      FROM cur
+     WHERE s.session_id = cur.session_id
+       AND (cur.status = ANY(%(legal_from)s) OR s.expires_at IS NULL OR s.expires_at > now())
+    RETURNING s.session_id, cur.status AS from_status, s.next_event_seq - 1 AS event_seq
+), ev AS (
+    INSERT INTO memshift.events (session_id, event_seq, type, from_status, to_status, at, data)
+    SELECT session_id, event_seq, 'status', from_status, 'expired', now(), %(data)s
+      FROM upd WHERE from_status = ANY(%(legal_from)s)
+    ON CONFLICT DO NOTHING
+)
+SELECT session_id FROM upd
+
+-- name: follow_sweep_started
+UPDATE memshift.followers SET last_sweep_started_at = now()
+ WHERE follower_id = %(follower_id)s
+RETURNING now()
+
+-- name: follow_sweep_finished
+UPDATE memshift.followers
+   SET last_sweep_finished_at = now(), sweeps = sweeps + 1,
+       last_sweep_scanned = %(scanned)s, last_sweep_applied = %(applied)s
+ WHERE follower_id = %(follower_id)s
+
+-- name: follow_seen_reset
+-- The sessions a sweep finds, kept in PostgreSQL so the sweeper's memory stays flat.
+CREATE TEMP TABLE IF NOT EXISTS follow_seen (session_key bytea PRIMARY KEY);
+TRUNCATE follow_seen
+
+-- name: follow_seen_add
+INSERT INTO follow_seen SELECT unnest(%(keys)s::bytea[]) ON CONFLICT DO NOTHING
+
+-- name: follow_unseen
+-- Sessions applied before the sweep began that it did not find: gone from Redis,
+-- unless a second read finds them. A page at a time, in key order.
+SELECT f.session_key FROM memshift.follow_sessions f
+ WHERE f.follower_id = %(follower_id)s AND f.gone_at IS NULL AND f.applied_at < %(since)s
+   AND f.session_key > %(after)s
+   AND NOT EXISTS (SELECT 1 FROM follow_seen s WHERE s.session_key = f.session_key)
+ ORDER BY f.session_key
+ LIMIT %(limit)s
+
+-- name: follow_status
+SELECT follower_id, source, layout, prefix, state, worker, started_at, heartbeat_at,
+       extract(epoch FROM now() - heartbeat_at)::float8 AS heartbeat_age_seconds,
+       applied_through,
+       -- A stopped follower applies nothing: its lag is not a lag of the migration.
+       CASE WHEN state = 'running' THEN extract(epoch FROM now() - applied_through)::float8
+            ELSE 0 END AS lag_seconds,
+       events, sessions_applied, sessions_expired, quarantined, events_per_second,
+       sessions_per_second, sweeps, last_sweep_started_at, last_sweep_finished_at,
+       last_sweep_scanned, last_sweep_applied
+  FROM memshift.followers ORDER BY follower_id
+
+-- name: gate_follow
+-- Followers that run (or died running): how many, and the lag of the furthest behind.
+SELECT count(*), coalesce(max(extract(epoch FROM now() - applied_through)), 0)::float8,
+       (array_agg(prefix ORDER BY applied_through))[1]
+  FROM memshift.followers WHERE state = 'running'
+
+-- ---------------------------------------------------------------------------------
+-- The demo (issue 7).
+
+-- name: demo_totals
+-- What PostgreSQL holds, for the demo's table.
+SELECT (SELECT count(*) FROM memshift.sessions), (SELECT count(*) FROM memshift.messages)
+
+-- name: demo_drop_latest_checkpoint
+-- The drift the demo injects: a session's latest checkpoint lost in PostgreSQL.
+DELETE FROM memshift.checkpoints
+ WHERE (session_id, checkpoint_id) = (
+        SELECT session_id, checkpoint_id FROM memshift.checkpoints
+         WHERE session_id = %(session_id)s
+         ORDER BY step DESC LIMIT 1)
+RETURNING checkpoint_id
+
+-- ---------------------------------------------------------------------------------
+-- Per-slice drift (issue 6): the read paths live compares recorded results for.
+
+-- name: rule_read_paths
+-- Each distinct read path once, by skipping through the (read_path, checked_at)
+-- index rather than reading every result.
+WITH RECURSIVE paths(read_path) AS (
+    (SELECT read_path FROM memshift.parity_results
+      WHERE read_path IS NOT NULL ORDER BY read_path LIMIT 1)
+    UNION ALL
+    SELECT (SELECT p.read_path FROM memshift.parity_results p
+             WHERE p.read_path > paths.read_path ORDER BY p.read_path LIMIT 1)
+      FROM paths WHERE paths.read_path IS NOT NULL
+)
+SELECT read_path FROM paths WHERE read_path IS NOT NULL ORDER BY read_path
+
+-- ---------------------------------------------------------------------------------
+-- Continuity (issue 11).
+
+-- name: plan_retired_since_redis_led
+-- Whether the Plan was retired after it last sent writes to Redis first (a stage
+-- before pg_primary): then Redis lacks the writes made while retired, which nothing
+-- copies back, and reads must not go back to it.
+SELECT coalesce(max(id) FILTER (WHERE after ->> 'stage' = 'retired'), 0)
+     > coalesce(max(id) FILTER (WHERE after ->> 'stage' IN
+                                ('redis_only', 'dual_write', 'shadow', 'cutover')), 0)
+  FROM memshift.plan_audit
+
+-- ---------------------------------------------------------------------------------
+-- The retired stage's cache epoch (drill finding: stale reads after a Redis restart).
+
+-- name: cache_epoch_get
+SELECT epoch FROM memshift.cache_epoch
+
+-- name: cache_epoch_bump
+-- An invalidation could not reach Redis: entries filled under earlier epochs must not
+-- be served by any process. The row's trigger announces the new epoch.
+UPDATE memshift.cache_epoch
+   SET epoch = epoch + 1, bumped_at = now(), bumped_by = %(by)s
+RETURNING epoch
+
+-- ---------------------------------------------------------------------------------
+-- Repair from parity (`memshift repair --from-parity`).
+
+-- name: repair_enqueue_parity_failures
+-- Every session whose latest parity result is a failure, queued for a whole-session
+-- repair into the target store, unless one is queued for it there already: how many
+-- sessions fail, and how many were queued now.
+WITH latest AS (
+    SELECT DISTINCT ON (session_id) session_id, status, checked_at
+      FROM memshift.parity_results
+     ORDER BY session_id, checked_at DESC, id DESC
+), failing AS (
+    SELECT session_id, checked_at FROM latest WHERE status = 'fail'
+), queued AS (
+    INSERT INTO memshift.repair_queue (session_id, target, operation, error, enqueued_at)
+    SELECT f.session_id, %(target)s::text, 'parity',
+           'the latest parity result (checked at ' || f.checked_at::text
+           || ') is a failure: copy the whole session from ' || %(source)s::text,
+           now()
+      FROM failing f
+     WHERE NOT EXISTS (SELECT 1 FROM memshift.repair_queue q
+                        WHERE q.session_id = f.session_id AND q.target = %(target)s::text)
+    RETURNING session_id
+)
+SELECT (SELECT count(*) FROM failing), (SELECT count(*) FROM queued)

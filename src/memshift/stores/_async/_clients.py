@@ -20,8 +20,8 @@ from redis.commands.core import AsyncScript as ScriptHandle
 T = TypeVar("T")
 AsyncLock = asyncio.Lock  # guards one-time setup shared by concurrent callers
 
-__all__ = ["AsyncLock", "AsyncRedis", "AsyncRedisCluster", "Background", "ScriptHandle",
-           "close_client", "queue_command", "run_blocking"]
+__all__ = ["Alarm", "AsyncLock", "AsyncRedis", "AsyncRedisCluster", "Background",
+           "ScriptHandle", "close_client", "queue_command", "run_blocking"]
 
 
 async def close_client(client: AsyncRedis | AsyncRedisCluster) -> None:
@@ -109,3 +109,25 @@ class Background:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._queue = self._task = None
+
+
+class Alarm:
+    """Call ``ring()`` once, ``seconds`` from now, unless ``disarm()`` came first.
+
+    A timer of the running loop, so ``ring`` runs in the loop's thread and never while
+    the code that armed the alarm runs: once ``disarm()`` has returned, ``ring`` has
+    either run (``rang``) or never will. (The sync twin: one watchdog thread for every
+    alarm, with a lock for the same promise.) ``ring`` must not raise.
+    """
+
+    def __init__(self, seconds: float, ring: Callable[[], None]) -> None:
+        self.rang = False
+        self._ring = ring
+        self._handle = asyncio.get_running_loop().call_later(seconds, self._go)
+
+    def _go(self) -> None:
+        self.rang = True
+        self._ring()
+
+    def disarm(self) -> None:
+        self._handle.cancel()

@@ -1,20 +1,42 @@
 """PostgreSQL store: the new truth. Every write is one guarded statement of queries.sql.
 
+Every statement is bounded in time on the client's side: it waits at most ``timeout``
+for a connection, and the statement, waiting included, ends within ``query_timeout``
+or its connection is dropped (shut down under libpq's feet, from a timer: neither
+libpq nor a server that went silent would end it) and the call raises
+StoreUnavailable. A block under :func:`within` bounds every statement in it tighter
+still: the router's writes to PostgreSQL as the secondary. After a call found
+PostgreSQL unreachable (a connection that broke, a statement past its time, a pool
+that could not connect), the next calls, until one succeeds, take a pooled
+connection only if one is ready and otherwise make a connection attempt of their
+own (after a hang, only if it has the 2 s such an attempt may take): while
+PostgreSQL refuses connections a call fails at once instead of holding its caller
+for the whole ``timeout``, and once it answers again the next call is served at
+once, not after the pool's reconnection backoff.
+
 The sync ``PostgresStore`` is generated from this file by tools/gen_sync.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
+import contextlib
+import functools
+import math
+import socket
+import time
+from collections.abc import AsyncIterator, Generator, Mapping, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from memshift.errors import (
+    ConfigError,
     IllegalTransition,
     MessageConflict,
     SchemaError,
@@ -47,19 +69,67 @@ from memshift.sql.migrations import latest_version
 from memshift.sql.queries import query
 from memshift.stores.base import Outcome
 
-from ._clients import AsyncLock
+from ._clients import Alarm, AsyncLock
 
 Row = tuple[Any, ...]
 _PARTS: tuple[type[Record], ...] = (Message, ToolRun, MemorySummary, Checkpoint, Event)
 _NO_SESSION = Session(session_id="-")  # replaced before a state is returned
+# While PostgreSQL is unreachable, how long a call waits for a pooled connection before
+# it tries one of its own, and how long a store that never opened waits to open.
+_UNREACHABLE_WAIT = 0.05
+# The least time a connection attempt may take before it gives up (libpq's, psycopg's).
+_LEAST_CONNECT_TIMEOUT = 2
+_UNREACHABLE_OPEN_WAIT = 1.0
+# The deadline of every statement of this thread or task, set by ``within``.
+_DEADLINE: ContextVar[float | None] = ContextVar("memshift_postgres_deadline", default=None)
+
+
+@contextlib.contextmanager
+def within(seconds: float) -> Generator[None, None, None]:
+    """Bound every PostgresStore statement in this block (this thread or task): each
+    ends within ``seconds`` from now, its wait for a connection included, or raises
+    StoreUnavailable. A block inside another keeps the earlier deadline.
+    """
+    deadline = time.monotonic() + seconds
+    current = _DEADLINE.get()
+    token = _DEADLINE.set(deadline if current is None else min(current, deadline))
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
+
+
+def _check_seconds(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"PostgresStore's {name} must be a number of seconds above 0 "
+                          f"(query_timeout may also be None: no limit); got {value!r}")
+
+
+def _sever(conn: AsyncConnection[Any]) -> None:
+    """Shut the connection's socket down, so that libpq's wait on it ends at once.
+
+    The file descriptor stays libpq's (a duplicate is shut down and closed): libpq
+    reads the end of the stream, the statement fails, and the pool discards the
+    connection. Never raises (an alarm rings it).
+    """
+    with contextlib.suppress(OSError, psycopg.Error):
+        with socket.socket(fileno=socket.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class AsyncPostgresStore:
     """The memshift truth model in PostgreSQL (schema ``memshift``).
 
     Give it a DSN (it owns a connection pool and closes it) or a pool of your own.
-    ``timeout`` is how long a call waits for a connection before StoreUnavailable.
-    Use it as a context manager, or call ``close()`` when done.
+    ``timeout`` (seconds, default 5) is how long a call waits for a connection before
+    StoreUnavailable (after PostgreSQL was found unreachable, until it answers again,
+    a call makes its own connection attempt instead); a DSN without
+    ``connect_timeout`` gets it (at least 2) for each connection attempt.
+    ``query_timeout`` (seconds, default 30; None: no limit) is how long a statement
+    may take, its wait for a connection included, before its connection is dropped
+    and the call raises StoreUnavailable (it may or may not have been applied: every
+    write is safe to repeat). Use it as a context manager, or call ``close()`` when
+    done.
     """
 
     name = "postgres"
@@ -70,21 +140,23 @@ class AsyncPostgresStore:
         *,
         min_size: int = 1,
         max_size: int = 10,
-        timeout: float = 30.0,
+        timeout: float = 5.0,
+        query_timeout: float | None = 30.0,
         check_schema: bool = True,
     ) -> None:
+        _check_seconds("timeout", timeout)
+        if query_timeout is not None:
+            _check_seconds("query_timeout", query_timeout)
+        self._sizes, self._timeout = (min_size, max_size), timeout
+        self._query_timeout = query_timeout
+        # Whether the last call found PostgreSQL unreachable, whether because it hung
+        # (a connection attempt may then hang too), and the pool's count of failed
+        # connection attempts when it last answered.
+        self._unreachable = self._hung = False
+        self._connect_errors = 0
         if isinstance(dsn_or_pool, str):
             self._dsn = dsn_or_pool
-            self._pool = AsyncConnectionPool(
-                dsn_or_pool,
-                min_size=min_size,
-                max_size=max_size,
-                kwargs={"autocommit": True},
-                timeout=timeout,
-                open=False,
-                name="memshift-postgres",
-                configure=_utc_session,
-            )
+            self._pool = self._new_pool()
             self._owns_pool = True
         else:
             self._dsn = str(dsn_or_pool.conninfo)
@@ -93,6 +165,24 @@ class AsyncPostgresStore:
         self._check_schema = check_schema
         self._ready = False
         self._opening = AsyncLock()
+
+    def _new_pool(self) -> AsyncConnectionPool:
+        kwargs: dict[str, Any] = {"autocommit": True}
+        with contextlib.suppress(psycopg.ProgrammingError):
+            if "connect_timeout" not in conninfo_to_dict(self._dsn):
+                # libpq's own default is none (psycopg's 130 s): an attempt that the
+                # caller would not wait for holds a pool worker for nothing.
+                kwargs["connect_timeout"] = max(2, math.ceil(self._timeout))
+        return AsyncConnectionPool(
+            self._dsn,
+            min_size=self._sizes[0],
+            max_size=self._sizes[1],
+            kwargs=kwargs,
+            timeout=self._timeout,
+            open=False,
+            name="memshift-postgres",
+            configure=_utc_session,
+        )
 
     @property
     def dsn(self) -> str:
@@ -123,9 +213,17 @@ class AsyncPostgresStore:
             if self._ready:
                 return
             if self._owns_pool:
+                limit = self._limit()
+                wait = min(15.0, self._pool.timeout, math.inf if limit is None else limit)
+                if self._unreachable:
+                    wait = min(wait, _UNREACHABLE_OPEN_WAIT)
                 try:
-                    await self._pool.open(wait=True, timeout=min(15.0, self._pool.timeout))
+                    await self._pool.open(wait=True, timeout=wait)
                 except (psycopg.Error, PoolTimeout) as exc:
+                    # A pool whose first open failed is closed for good (psycopg_pool):
+                    # a new one lets the next call try again once PostgreSQL is back.
+                    self._pool = self._new_pool()
+                    self._unreachable, self._connect_errors = True, 0
                     raise self._unavailable(exc) from None
             if self._check_schema:
                 row = await self._fetchone("schema_version", {})
@@ -147,20 +245,108 @@ class AsyncPostgresStore:
             f"PostgreSQL at {redact(self._dsn)} is unreachable: {redact(str(exc)).strip()}"
         )
 
+    async def fetch(self, name: str, params: Mapping[str, Any]) -> list[Row]:
+        """Run one named query of queries.sql, bounded like every call of this store
+        (the router's control-plane queries: the repair queue, the cache epoch)."""
+        return await self._fetch(name, params)
+
+    def _limit(self) -> float | None:
+        """Seconds the next statement may take: ``query_timeout``, or less in ``within``."""
+        deadline = _DEADLINE.get()
+        if deadline is None:
+            return self._query_timeout
+        left = max(0.0, deadline - time.monotonic())
+        return left if self._query_timeout is None else min(left, self._query_timeout)
+
     async def _fetch(self, name: str, params: Mapping[str, Any]) -> list[Row]:
         if not self._ready and name != "schema_version":
             await self.open()
+        started, limit = time.monotonic(), self._limit()
         try:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(query(name), params)
-                return await cur.fetchall() if cur.description is not None else []
+            if self._unreachable:
+                rows = await self._fetch_again(name, params, started, limit)
+            else:
+                wait = self._timeout if limit is None else min(self._timeout, limit)
+                # A wait of 0 would refuse even a connection that is ready.
+                async with self._pool.connection(timeout=max(wait, 0.001)) as conn:
+                    rows = await self._run(conn, name, params, started, limit)
         except psycopg.errors.UndefinedTable as exc:
             raise SchemaError(
                 f"memshift tables are missing ({exc.diag.message_primary}); "
                 "run `memshift db upgrade` first"
             ) from None
         except psycopg.OperationalError as exc:
+            self._note_failure(exc)
             raise self._unavailable(exc) from None
+        if self._unreachable:
+            self._answered()
+        return rows
+
+    async def _fetch_again(
+        self, name: str, params: Mapping[str, Any], started: float, limit: float | None
+    ) -> list[Row]:
+        """A call after PostgreSQL was found unreachable: on a pooled connection if one
+        is ready at once, else on one of its own. The pool reconnects on its own
+        schedule, backing off to many seconds; this call's attempt fails at once while
+        PostgreSQL refuses, and serves the call as soon as PostgreSQL is back."""
+        try:
+            async with self._pool.connection(timeout=_UNREACHABLE_WAIT) as conn:
+                return await self._run(conn, name, params, started, limit)
+        except PoolTimeout:
+            pass
+        left = self._timeout if limit is None else limit - (time.monotonic() - started)
+        if self._hung and left < _LEAST_CONNECT_TIMEOUT:
+            # An attempt at a hung server would outlive what this call has left.
+            raise StoreUnavailable(
+                f"PostgreSQL at {redact(self._dsn)} did not answer in time lately, and no "
+                f"connection is ready; not trying a new one in the {max(left, 0):.3g} s "
+                f"this call ({name}) has left"
+            )
+        conn = await AsyncConnection.connect(
+            self._dsn, autocommit=True,
+            connect_timeout=max(_LEAST_CONNECT_TIMEOUT, int(min(left, self._timeout))))
+        async with conn:
+            await _utc_session(conn)
+            return await self._run(conn, name, params, started, limit)
+
+    async def _run(
+        self, conn: AsyncConnection[Any], name: str, params: Mapping[str, Any],
+        started: float, limit: float | None,
+    ) -> list[Row]:
+        """One statement on ``conn``, its connection dropped if it outlives ``limit``."""
+        if limit is None:
+            return await _execute(conn, name, params)
+        alarm = Alarm(max(0.0, limit - (time.monotonic() - started)),
+                      functools.partial(_sever, conn))
+        try:
+            return await _execute(conn, name, params)
+        except psycopg.OperationalError:
+            if not alarm.rang:
+                raise
+            self._unreachable = self._hung = True
+            raise StoreUnavailable(
+                f"PostgreSQL at {redact(self._dsn)} did not answer within {limit:.3g} s "
+                f"({name}); its connection was dropped, and the statement may or may not "
+                "have been applied"
+            ) from None
+        finally:
+            alarm.disarm()
+
+    def _note_failure(self, exc: psycopg.OperationalError) -> None:
+        """Whether this failure says PostgreSQL is unreachable (not merely busy)."""
+        if isinstance(exc, PoolTimeout):
+            errors = self._pool.get_stats().get("connections_errors", 0)
+            if errors > self._connect_errors:
+                self._connect_errors = errors
+                self._unreachable = True
+        elif not isinstance(exc, psycopg.errors.QueryCanceled):
+            # The connection itself failed (the server's own errors are not these):
+            # refused or cut, so a new attempt fails at once or succeeds.
+            self._unreachable, self._hung = True, False
+
+    def _answered(self) -> None:
+        self._unreachable = self._hung = False
+        self._connect_errors = self._pool.get_stats().get("connections_errors", 0)
 
     async def _fetchone(self, name: str, params: Mapping[str, Any]) -> Row | None:
         rows = await self._fetch(name, params)
@@ -381,6 +567,11 @@ class AsyncPostgresStore:
         params.update(session_id=record.session.session_id, data=Jsonb(record.event.data))
         await self._fetch("record_event", params)
         return await self.save_session(record.session)
+
+
+async def _execute(conn: AsyncConnection[Any], name: str, params: Mapping[str, Any]) -> list[Row]:
+    cur = await conn.execute(query(name), params)
+    return await cur.fetchall() if cur.description is not None else []
 
 
 async def _utc_session(conn: AsyncConnection[Any]) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,8 +18,8 @@ from redis.commands.core import Script as ScriptHandle
 T = TypeVar("T")
 Lock = threading.Lock  # guards one-time setup shared by concurrent callers
 
-__all__ = ["Background", "Lock", "Redis", "RedisCluster", "ScriptHandle", "close_client",
-           "queue_command", "run_blocking"]
+__all__ = ["Alarm", "Background", "Lock", "Redis", "RedisCluster", "ScriptHandle",
+           "close_client", "queue_command", "run_blocking"]
 
 
 def close_client(client: Redis | RedisCluster) -> None:
@@ -113,3 +116,87 @@ class Background:
             except queue.Empty:
                 return
             self._queue.task_done()
+
+
+class Alarm:
+    """Call ``ring()`` once, ``seconds`` from now, unless ``disarm()`` came first.
+
+    Every alarm of the process shares one watchdog thread (the async twin: a timer of
+    the loop). ``ring`` runs under the watchdog's lock, which ``disarm()`` takes too:
+    once ``disarm()`` has returned, ``ring`` has either run (``rang``) or never will.
+    ``ring`` must not raise, and must be quick (it holds back every other alarm).
+    """
+
+    def __init__(self, seconds: float, ring: Callable[[], None]) -> None:
+        self.rang = False
+        self.disarmed = False
+        self._ring: Callable[[], None] | None = ring
+        _WATCHDOG.arm(time.monotonic() + seconds, self)
+
+    def go(self) -> None:
+        """Ring, unless disarmed (the watchdog calls it with its lock held)."""
+        if not self.disarmed and self._ring is not None:
+            self.rang = True
+            self._ring()
+
+    def disarm(self) -> None:
+        _WATCHDOG.disarm(self)
+        self._ring = None  # what it would have rung (a connection) is not kept alive
+
+
+class _Watchdog:
+    """One daemon thread that rings the alarms whose time has come, earliest first.
+
+    Disarmed alarms stay in the heap until they reach its head, or until they are
+    most of it (then the heap is rebuilt): arming and disarming cost a lock and a
+    heap push, never a thread or a wake-up of this one unless the alarm is the
+    earliest.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._heap: list[tuple[float, int, Alarm]] = []
+        self._order = itertools.count()
+        self._disarmed = 0
+        self._thread: threading.Thread | None = None
+
+    def arm(self, when: float, alarm: Alarm) -> None:
+        with self._lock:
+            heapq.heappush(self._heap, (when, next(self._order), alarm))
+            if self._thread is None or not self._thread.is_alive():  # first, or forked
+                self._thread = threading.Thread(target=self._run, name="memshift-alarms",
+                                                daemon=True)
+                self._thread.start()
+            elif self._heap[0][2] is alarm:
+                self._lock.notify()
+
+    def disarm(self, alarm: Alarm) -> None:
+        with self._lock:
+            if alarm.disarmed:
+                return
+            alarm.disarmed = True
+            self._disarmed += 1
+            if self._disarmed > 512 and 2 * self._disarmed > len(self._heap):
+                self._heap = [entry for entry in self._heap if not entry[2].disarmed]
+                heapq.heapify(self._heap)
+                self._disarmed = 0
+
+    def _run(self) -> None:
+        with self._lock:
+            while True:
+                while self._heap and self._heap[0][2].disarmed:
+                    heapq.heappop(self._heap)
+                    self._disarmed = max(0, self._disarmed - 1)
+                if not self._heap:
+                    self._lock.wait()
+                    continue
+                delay = self._heap[0][0] - time.monotonic()
+                if delay > 0:
+                    self._lock.wait(delay)
+                    continue
+                alarm = heapq.heappop(self._heap)[2]
+                alarm.go()
+                alarm.disarmed = True
+
+
+_WATCHDOG = _Watchdog()
