@@ -9,7 +9,7 @@ by round (the order flips each round):
 - ``router (PlanWatcher)``: the same router over a live ``PlanWatcher`` (its thread
   runs during every variant, so its cost lands on all of them alike).
 - ``by hand``: the same two writes with redis-py and psycopg and no memshift code:
-  the same Lua script (``common.lua`` in front, EVALSHA) with hand-built arguments,
+  the same Lua script (``layouts/lua/common.lua`` in front, EVALSHA) with hand-built arguments,
   then the same named statement of ``queries.sql`` with the parameters built from
   the script's reply (the seq, the event_seq and the session hash it returned), as
   the router does: ``append_message_carried``; ``upsert_tool_run``; ``record_event``

@@ -6,7 +6,7 @@ round, so drift in the machine's speed cancels out):
 
 - ``memshift``: the store's method, given the plain data an application has.
 - ``by hand``: the same work with no memshift code: the exact named SQL statement of
-  ``queries.sql`` with hand-built parameters, or the same Lua script (``common.lua``
+  ``queries.sql`` with hand-built parameters, or the same Lua script (``layouts/lua/common.lua``
   in front, called by EVALSHA) with hand-built arguments, or the same pipelined read
   commands. ``memshift / by hand`` is memshift's own overhead (validation, records,
   JSON); the goal is at most 1.10x.
@@ -48,6 +48,7 @@ from rich.table import Table
 from memshift.model import legal_sources
 from memshift.sql.migrations import upgrade
 from memshift.sql.queries import query
+from memshift.stores.layouts import LUA_LIBRARY
 from memshift.stores.layouts.reference import ID_CHECK_WINDOW, ReferenceLayout
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
@@ -433,7 +434,7 @@ class RedisCases:
         self.prefix = prefix
         self.load_sid = load_sid
         folder = ReferenceLayout(prefix).script_dir()
-        common = (folder / "common.lua").read_text(encoding="utf-8")
+        common = LUA_LIBRARY.read_text(encoding="utf-8")
         self.scripts = {
             name: client.register_script(
                 f"{common}\n{(folder / f'{name}.lua').read_text(encoding='utf-8')}"

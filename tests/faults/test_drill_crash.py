@@ -38,7 +38,7 @@ def test_a_repair_worker_killed_mid_drain_leaves_both_directions_whole(
         assert result.figure(f"{into}messages acknowledged") > 0
         assert result.figure(f"{into}messages lost") == 0
         assert result.figure(f"{into}messages duplicated") == 0
-    assert result.figure("parity after") == "60/60 pass"
+    assert result.figure("parity after") == "120/120 pass"
     assert result.ok, result.failed()
 
 

@@ -124,7 +124,7 @@ def enqueue(conn: psycopg.Connection[Any], rows: list[tuple[str, str, str]], err
 def drill_crash_repair(ctx: DrillContext) -> Figures:
     """SIGKILL ``memshift repair`` mid-drain, again and again; finish it; count."""
     rng = random.Random(ctx.seed)
-    count, kills = ctx.pick((60, 3), (240, 8))
+    count, kills = ctx.pick((120, 3), (240, 8))
     spool_path = ctx.workdir / "repair.spool"
     with RedisStore(ctx.redis_url, prefix=ctx.prefix) as legacy, \
             PostgresStore(ctx.postgres_dsn, max_size=2) as truth:
@@ -148,8 +148,10 @@ def drill_crash_repair(ctx: DrillContext) -> Figures:
         rows_at_start = _queue_rows(conn)[0] + len(to_pg)
         # Kill points: sessions left to repair; the first at a random time after the
         # start (as it imports, connects or moves the spool).
-        targets: list[int | None] = [None, *sorted(rng.sample(range(5, count), kills - 1),
-                                                   reverse=True)]
+        # A repair on an idle machine drains this in a second or so: the kill points
+        # leave a quarter of the work at least, so the kill lands before it is done.
+        targets: list[int | None] = [None, *sorted(rng.sample(range(count // 4, count),
+                                                              kills - 1), reverse=True)]
         for left in targets:
             child = start(ctx, memshift_command(*args))
             ctx.wait_for(lambda: child.poll() is not None  # noqa: B023
@@ -157,7 +159,7 @@ def drill_crash_repair(ctx: DrillContext) -> Figures:
                          or (not spool.has_entries(spool_path)
                              and _queue_rows(conn)[1] <= left),  # noqa: B023
                          "waiting for the repair to reach a kill point")
-            time.sleep(rng.uniform(0.3, 1.5) if left is None else rng.uniform(0.0, 0.05))
+            time.sleep(rng.uniform(0.05, 0.4) if left is None else rng.uniform(0.0, 0.01))
             if child.poll() is not None:
                 break
             killed_at.append(_queue_rows(conn)[1] + len(to_pg) * spool.has_entries(spool_path))
