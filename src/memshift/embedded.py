@@ -77,6 +77,28 @@ class EmbeddedServer:
         return f"EmbeddedServer(kind={self.kind!r}, url={self.url!r}, pid={self.pid}, {state})"
 
 
+def _get_pgserver(pgserver: Any, pgdata: Path, attempts: int = 3) -> Any:
+    """pgserver's server for ``pgdata``, started if need be.
+
+    pgserver gives ``pg_ctl start`` ten seconds, which a first start (initdb, then
+    recovery) can overrun on a busy machine while the server does come up: a later
+    attempt finds the running postmaster and reuses it.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            # cleanup_mode="stop": pgserver also stops it at interpreter exit, should
+            # stop() never be called. get_server() would hand back the handle that
+            # timed out (it caches it), so a retry makes a new one.
+            if attempt == 1:
+                return pgserver.get_server(pgdata, cleanup_mode="stop")
+            return pgserver.PostgresServer(pgdata, cleanup_mode="stop")
+        except subprocess.TimeoutExpired:
+            if attempt == attempts:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
 def start_postgres(data_dir: Path) -> EmbeddedServer:
     """Start (or reuse) PostgreSQL with its data in ``data_dir/pgdata``, on a unix socket.
 
@@ -87,9 +109,7 @@ def start_postgres(data_dir: Path) -> EmbeddedServer:
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir.resolve() / "pgdata"
     try:
-        # cleanup_mode="stop": pgserver also stops it at interpreter exit, should
-        # stop() never be called.
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = _get_pgserver(pgserver, pgdata)
         info = server.get_postmaster_info()
     except (OSError, subprocess.SubprocessError, RuntimeError, AssertionError) as exc:
         raise StoreUnavailable(
