@@ -143,6 +143,37 @@ def test_after_a_rollback_a_session_awaiting_redis_repair_is_written_postgres_fi
     assert read.state.latest_checkpoint.checkpoint_id == "c0"
 
 
+def test_a_message_appended_after_a_move_back_to_redis_only_reaches_the_store_reads_use(
+    pg_dsn: str, redis_url: str, redis_prefix: str, redis_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    # The story (from the deep profile): in pg_primary a tool run's copy to Redis
+    # fails (queued); the operator moves back, stage by stage, to redis_only; a message
+    # is appended there, to Redis only. Reads of the session went to PostgreSQL (Redis
+    # had a repair pending), which never got the message.
+    legacy = behind_proxy(redis_proxy, redis_url, redis_prefix)
+    source = StaticPlan(plan_at("pg_primary"))
+    with PostgresStore(pg_dsn) as truth:
+        store = MigratingStore(legacy, truth, source, spool_path=tmp_path / "spool")
+        store.save_session(session("s1"))
+        cut_during(redis_proxy, legacy)
+        store.upsert_tool_run("s1", {"tool_call_id": "t0", "name": "search", "attempts": 1})
+        healed(redis_proxy, legacy)
+        source.plan = plan_at("redis_only")
+
+        route = store.write_route("s1")
+        stored = store.append_message("s1", message(0))
+        read = store.read("s1")
+        summary = repair(Settings(redis_url=redis_url, postgres_dsn=pg_dsn,
+                                  prefix=redis_prefix), spool_path=tmp_path / "spool")
+        assert_stores_agree(legacy, truth, "s1")
+
+    assert route == ("postgres", "redis") and stored.seq == 0
+    assert (read.source, read.reason) == ("postgres", "repair_pending")
+    assert read.state is not None and read.state.tool_run("t0") is not None
+    assert [m.message_id for m in read.state.messages] == ["m0"]
+    assert summary.failed == [] and summary.remaining == 0
+
+
 def test_after_retirement_a_move_back_to_pg_primary_cannot_send_reads_back_to_redis(
     pg_dsn: str, redis_url: str, redis_prefix: str, tmp_path: Path
 ) -> None:

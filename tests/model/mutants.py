@@ -1,8 +1,8 @@
 """Mutants: each switches off one continuity mechanism, to see the model catch it.
 
-``MEMSHIFT_CONTINUITY_MUTANT=NAME pytest tests/model`` runs the model with mechanism
-NAME removed, by a monkeypatch that lasts for the test (nothing in the tree changes).
-Each must make the model fail; docs/continuity.md says what each one found.
+``MEMSHIFT_CONTINUITY_MUTANT=NAME[,NAME...] pytest tests/model`` runs the model with
+those mechanisms removed, by monkeypatches that last for the test (nothing in the
+tree changes). docs/continuity.md says what each one found.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def secondary_ignores_the_seq(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def no_summary_version_guard(monkeypatch: pytest.MonkeyPatch) -> None:
     """Version guard: Redis keeps the summary written last, not the highest version."""
-    original = sync_redis.script_text
+    original = sync_redis.script_text  # type: ignore[attr-defined]
 
     def text(folder: Any, name: str) -> str:
         body: str = original(folder, name)
@@ -137,10 +137,12 @@ MUTANTS: dict[str, Mutant] = {
 }
 
 
-def apply(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    try:
-        mutant = MUTANTS[name]
-    except KeyError:
-        raise pytest.UsageError(
-            f"no mutant {name!r}; mutants: {', '.join(sorted(MUTANTS))}") from None
-    mutant(monkeypatch)
+def apply(names: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apply the mutants named, comma-separated (to see two mechanisms overlap)."""
+    for name in names.split(","):
+        try:
+            mutant = MUTANTS[name.strip()]
+        except KeyError:
+            raise pytest.UsageError(
+                f"no mutant {name!r}; mutants: {', '.join(sorted(MUTANTS))}") from None
+        mutant(monkeypatch)

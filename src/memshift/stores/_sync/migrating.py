@@ -205,15 +205,16 @@ class MigratingStore:
         """Which store leads this session's writes, and which follows (None: none).
 
         The Plan's primary, unless it has repairs pending for this session (it missed
-        writes while it was the secondary, before a rollback): then the other store
-        leads until they drain, so that no seq is assigned and no status move checked
-        against an incomplete session. While the queue cannot be asked, the Plan's.
+        writes while it was the secondary, before a move back): then the other store
+        leads, and the primary follows, until they drain, in every stage (redis_only
+        too), so that no seq is assigned and no status move checked against an
+        incomplete session, and the store its reads go to gets the write. While the
+        queue cannot be asked, the Plan's.
         """
         plan, _ = self._plan.current()
         primary, secondary = plan.writes()
-        if secondary is not None and self._repairs_pending(
-                session_id, primary, primary, unknown=False):
-            return secondary, primary
+        if self._repairs_pending(session_id, primary, primary, unknown=False):
+            return _other(primary), primary
         return primary, secondary
 
     def _writers(self, session_id: str) -> tuple[Store, Store | None]:
