@@ -39,6 +39,12 @@ out = Console()
 err = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
+LayoutOption = Annotated[
+    str | None, typer.Option("--layout", help="Redis layout [default: the global one].")
+]
+PrefixOption = Annotated[
+    str | None, typer.Option("--prefix", help="Redis key prefix [default: the global one].")
+]
 
 
 def _version(value: bool) -> None:
@@ -296,12 +302,8 @@ app.add_typer(quarantine_app, name="quarantine", no_args_is_help=True)
 @app.command("backfill")
 def backfill_cmd(
     ctx: typer.Context,
-    layout: Annotated[
-        str | None, typer.Option("--layout", help="Redis layout [default: the global one].")
-    ] = None,
-    prefix: Annotated[
-        str | None, typer.Option("--prefix", help="Redis key prefix [default: the global one].")
-    ] = None,
+    layout: LayoutOption = None,
+    prefix: PrefixOption = None,
     workers: Annotated[
         int, typer.Option("--workers", "-w", min=1, help="Worker processes.")
     ] = 1,
@@ -378,12 +380,8 @@ def backfill_cmd(
 @app.command("follow")
 def follow_cmd(
     ctx: typer.Context,
-    layout: Annotated[
-        str | None, typer.Option("--layout", help="Redis layout [default: the global one].")
-    ] = None,
-    prefix: Annotated[
-        str | None, typer.Option("--prefix", help="Redis key prefix [default: the global one].")
-    ] = None,
+    layout: LayoutOption = None,
+    prefix: PrefixOption = None,
     configure_redis: Annotated[
         bool,
         typer.Option("--configure-redis",
