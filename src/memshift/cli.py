@@ -486,44 +486,63 @@ def follow_cmd(
     report(final)
 
 
+QuarantineValues = Annotated[
+    bool,
+    typer.Option("--show-values", help="Show the bad record's own text (quoted in reasons; "
+                                       "the raw values) in full (by default: length and hash, "
+                                       "so transcripts do not leak)."),
+]
+
+
 @quarantine_app.command("list")
 def quarantine_list(
     ctx: typer.Context,
     show_all: Annotated[bool, typer.Option("--all", help="Resolved entries too.")] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
+    show_values: QuarantineValues = False,
     as_json: JsonFlag = False,
 ) -> None:
     """The quarantined sessions, newest first, with the reason for each."""
+    from memshift.inspect import quarantine_json
     from memshift.migrate.backfill import connect
     from memshift.migrate.quarantine import entries
 
     with connect(need_postgres(settings_of(ctx))) as conn:
-        found = entries(conn, state=None if show_all else "open", limit=limit)
+        found = [quarantine_json(e, show_values=show_values)
+                 for e in entries(conn, state=None if show_all else "open", limit=limit)]
     if as_json:
-        emit_json([vars(e) for e in found])
+        emit_json(found)
         return
     table = Table("id", "session", "state", "seen", "last seen", "reason", title="quarantine")
     for e in found:
-        table.add_row(str(e.id), escape(e.session_id), e.state, str(e.seen),
-                      e.last_seen.isoformat(timespec="seconds"), escape(e.reason))
+        table.add_row(str(e["id"]), escape(e["session_id"]), e["state"], str(e["seen"]),
+                      e["last_seen"], escape(e["reason"]))
     out.print(table)
+    if found and not show_values:
+        out.print("[dim]the record's own text is shown as length and hash; --show-values "
+                  "shows it[/]")
 
 
 @quarantine_app.command("show")
 def quarantine_show(
     ctx: typer.Context,
     entry_id: Annotated[int, typer.Argument(help="The id from `memshift quarantine list`.")],
+    show_values: QuarantineValues = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """One quarantined session: why, and every key of it as Redis held it."""
+    """One quarantined session: why, and every key of it as Redis held it (the values
+    as length and hash unless --show-values)."""
     import base64
 
+    from memshift.inspect import shown_raw, shown_reason
     from memshift.migrate.backfill import connect
     from memshift.migrate.quarantine import entry
 
     with connect(need_postgres(settings_of(ctx))) as conn:
         row = entry(conn, entry_id)
     row["session_key"] = base64.b64encode(row["session_key"]).decode()
+    row["reason"] = shown_reason(row["reason"], show_values)
+    row["raw"] = shown_raw(row["raw"], show_values)
     if as_json:
         emit_json(row)
         return
@@ -531,6 +550,9 @@ def quarantine_show(
               f"seen {row['seen']} times)")
     out.print(f"reason: {escape(row['reason'])}")
     out.print_json(data=row["raw"])
+    if not show_values:
+        out.print("[dim]values are shown as length and hash; --show-values shows them as "
+                  "Redis held them (bytes in base64)[/]")
 
 
 @quarantine_app.command("retry")

@@ -273,6 +273,7 @@ class _Demo:
             PostgresStore(postgres_dsn),
             self.watcher,
             spool_path=Path(settings.data_dir) / "repair.spool",
+            secondary_timeout=settings.secondary_timeout_seconds,
         )
         self.steps: list[Step] = []
         self.traffic: _Traffic | None = None  # the app's traffic through the router

@@ -20,19 +20,31 @@ dashboard's session page renders the same object.
 
 from __future__ import annotations
 
+import ast
+import base64
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from functools import cache
+from typing import Any, get_args
 
 import psycopg
 from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from memshift import model
 from memshift.config import Settings, require_stores
 from memshift.errors import MemshiftError, SessionNotFound, StoreUnavailable
-from memshift.migrate.parity import ParityReport, error_report, fingerprint, iso_z, judge_batch
+from memshift.migrate.parity import (
+    READABLE,
+    ParityReport,
+    error_report,
+    fingerprint,
+    iso_z,
+    judge_batch,
+)
 from memshift.migrate.plan import Plan, Stage, StoreName, load_plan
 from memshift.migrate.quarantine import QuarantineEntry
 from memshift.model import SessionState, check_session_id, now
@@ -91,8 +103,9 @@ def read_routes(
 
     The paths are the Plan's slices and the router's default path. ``pending`` names
     the stores with repairs queued for this session: the router reads the other one
-    until they drain. (A router whose Plan went stale reads Redis meanwhile, and one
-    that cannot reach a secondary reads the primary: both are per process.)
+    until they drain. (A router whose Plan went stale reads Redis meanwhile before
+    pg_primary, and PostgreSQL without the cache in retired; one that cannot reach a
+    secondary reads the primary: both are per process.)
     """
     primary, _ = plan.writes()
     routes = []
@@ -159,11 +172,12 @@ class Inspection:
             "stores": {store: store_view(self.state(store), self.error(store),
                                          show_values=show_values, tail=tail)
                        for store in STORES},
-            "comparison": self.report.as_json(show_values=show_values),
+            "comparison": comparison_json(self.report, show_values=show_values),
             "parity_results": [r.as_json() for r in self.parity_results],
             "read_paths": [r.as_json() for r in self.routes],
             "repair_queue": [r.as_json() for r in self.repairs],
-            "quarantine": [_quarantine_json(q) for q in self.quarantine],
+            "quarantine": [quarantine_json(q, show_values=show_values)
+                           for q in self.quarantine],
         }
 
     def side_by_side(self, *, show_values: bool = False, tail: int = DEFAULT_TAIL) -> list[Row]:
@@ -172,10 +186,23 @@ class Inspection:
                             show_values=show_values, tail=tail)
 
 
-def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
+def comparison_json(report: ParityReport, *, show_values: bool) -> dict[str, Any]:
+    """The parity report for JSON; a store's read error in it redacted as a reason is."""
+    data = report.as_json(show_values=show_values)
+    for diff in data["diffs"]:
+        if diff["check"] == READABLE:
+            for store in STORES:
+                if isinstance(diff[store], str):
+                    diff[store] = shown_reason(diff[store], show_values)
+    return data
+
+
+def quarantine_json(entry: QuarantineEntry, *, show_values: bool) -> dict[str, Any]:
+    """A quarantine entry for JSON; its reason redacted unless ``show_values``."""
     return {"id": entry.id, "source": entry.source, "session_id": entry.session_id,
-            "reason": entry.reason, "state": entry.state, "seen": entry.seen,
-            "first_seen": iso_z(entry.first_seen), "last_seen": iso_z(entry.last_seen)}
+            "reason": shown_reason(entry.reason, show_values), "state": entry.state,
+            "seen": entry.seen, "first_seen": iso_z(entry.first_seen),
+            "last_seen": iso_z(entry.last_seen)}
 
 
 # -- reading ------------------------------------------------------------------------
@@ -246,10 +273,83 @@ def shown(value: Any, show_values: bool) -> Any:
     return fingerprint(value)
 
 
+# A text or bytes literal as repr() writes it: how readers quote keys and bad values.
+_LITERAL = re.compile(r"b?'(?:[^'\\\n]|\\.)*'" r'|b?"(?:[^"\\\n]|\\.)*"')
+_PLACE_END = ": "
+
+
+def shown_reason(reason: str, show_values: bool) -> str:
+    """Why a record could not be read (a quarantine reason, a store's read error), for
+    people: the record's own text in it as length and hash unless ``show_values``.
+
+    A reason names the place first (``session 'S', key 'K' field 'F'``), which is
+    kept, and then says what is wrong, where readers quote the bad value
+    (``'yesterday' is neither ISO 8601 ...``, ``is not valid JSON (...): '{"content":
+    ...'``). In that part each quoted text becomes ``[N chars #hash]``, unless it is a
+    single character or a word of the model's schema (a field name, a status pydantic
+    lists as allowed): those say nothing of what the record holds.
+    """
+    if show_values:
+        return reason
+    place, problem = _split_place(reason)
+    return place + _LITERAL.sub(_redacted_literal, problem)
+
+
+def _split_place(reason: str) -> tuple[str, str]:
+    """(the place, what is wrong): split at the first ``": "`` outside quoted text."""
+    start = 0
+    for literal in _LITERAL.finditer(reason):
+        end = reason.find(_PLACE_END, start, literal.start())
+        if end >= 0:
+            return reason[:end], reason[end:]
+        start = literal.end()
+    end = reason.find(_PLACE_END, start)
+    return (reason[:end], reason[end:]) if end >= 0 else ("", reason)
+
+
+def _redacted_literal(literal: re.Match[str]) -> str:
+    try:
+        value = ast.literal_eval(literal[0])
+    except (ValueError, SyntaxError):  # not a literal after all: hide it as it stands
+        value = literal[0]
+    text = value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+    if len(text) <= 1 or text in _schema_words():
+        return literal[0]
+    return display(fingerprint(text))
+
+
+def shown_raw(raw: Any, show_values: bool) -> Any:
+    """A quarantine entry's raw keys (``{key: {"command", "reply"}}``) for people: each
+    text or bytes value as its length and hash unless ``show_values``; the keys, the
+    commands, numbers and Redis's errors as they are."""
+    if show_values:
+        return raw
+    if isinstance(raw, dict):
+        if set(raw) == {"b64"}:
+            return fingerprint(base64.b64decode(raw["b64"]).decode("utf-8", "surrogateescape"))
+        return {k: v if k in ("command", "error") else shown_raw(v, False)
+                for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [shown_raw(v, False) for v in raw]
+    return fingerprint(raw) if isinstance(raw, str) else raw
+
+
+@cache
+def _schema_words() -> frozenset[str]:
+    """The model's field names and statuses: the words validation errors quote."""
+    records = (model.Session, model.Message, model.ToolRun, model.MemorySummary,
+               model.Checkpoint, model.Event)
+    fields = {name for record in records for name in record.model_fields}
+    statuses = {*get_args(model.SessionStatus), *get_args(model.ToolStatus)}
+    return frozenset(fields | statuses)
+
+
 def store_view(
     state: SessionState | None, error: str | None, *, show_values: bool, tail: int
 ) -> dict[str, Any]:
     """What one store holds of the session, for JSON (sensitive values redacted)."""
+    if error is not None:
+        error = shown_reason(error, show_values)
     if state is None:
         return {"present": False, "error": error}
     session = state.session
@@ -338,8 +438,8 @@ def side_by_side(
         values = [ABSENT if s is None else _plain(get(s)) for s in states]
         return Row(section, name, values[0], values[1])
 
-    rows = [Row("store", "held", _held(redis_state, redis_error),
-                _held(pg_state, pg_error))]
+    rows = [Row("store", "held", _held(redis_state, redis_error, show_values),
+                _held(pg_state, pg_error, show_values))]
     if redis_state is None and pg_state is None:
         return rows
     rows += [
@@ -390,9 +490,9 @@ def _plain(value: Any) -> str:
     return ABSENT if value is None else str(value)
 
 
-def _held(state: SessionState | None, error: str | None) -> str:
+def _held(state: SessionState | None, error: str | None, show_values: bool) -> str:
     if error is not None:
-        return f"unreadable: {error}"
+        return f"unreadable: {shown_reason(error, show_values)}"
     return "yes" if state is not None else "no"
 
 
@@ -431,7 +531,7 @@ def renderables(
                        end_section=False)
         section = row.section
     parts: list[RenderableType] = [head, stores]
-    data = found.report.as_json(show_values=show_values)
+    data = comparison_json(found.report, show_values=show_values)
     if data["diffs"]:
         diffs = Table("check", "field", "Redis", "PostgreSQL", title="diffs now",
                       title_justify="left")
@@ -448,7 +548,7 @@ def renderables(
     parts.append(routes)
     parts.append(_results_table(found.parity_results))
     parts.append(_repairs_table(found.repairs))
-    parts.append(_quarantine_table(found.quarantine))
+    parts.append(_quarantine_table(found.quarantine, show_values))
     if not show_values:
         parts.append(Text("values are shown as length and hash; --show-values shows them",
                           "dim"))
@@ -485,11 +585,12 @@ def _repairs_table(repairs: list[RepairEntry]) -> RenderableType:
     return table
 
 
-def _quarantine_table(entries: list[QuarantineEntry]) -> RenderableType:
+def _quarantine_table(entries: list[QuarantineEntry], show_values: bool) -> RenderableType:
     if not entries:
         return Text("quarantine: no entry for this session", "dim")
     table = Table("id", "source", "state", "last seen", "reason", title="quarantine",
                   title_justify="left")
     for q in entries:
-        table.add_row(str(q.id), Text(q.source), q.state, iso_z(q.last_seen), Text(q.reason))
+        table.add_row(str(q.id), Text(q.source), q.state, iso_z(q.last_seen),
+                      Text(shown_reason(q.reason, show_values)))
     return table

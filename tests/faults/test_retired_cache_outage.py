@@ -10,6 +10,7 @@ import pytest
 
 from memshift.faults.proxy import FaultProxy
 from memshift.migrate.plan import StaticPlan
+from memshift.stores._sync import migrating as sync_migrating
 from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
@@ -29,9 +30,14 @@ def retired(redis_url: str, redis_prefix: str, pg_dsn: str, tmp_path: Path) -> M
                           StaticPlan(plan_at("retired")), spool_path=tmp_path / "spool")
 
 
-def test_a_write_that_cannot_invalidate_succeeds_is_recorded_and_the_entry_dropped_later(
-    redis_url: str, redis_prefix: str, pg_dsn: str, tmp_path: Path, redis_proxy: FaultProxy
+def test_a_write_that_cannot_invalidate_succeeds_and_its_epoch_bump_ends_the_old_entry(
+    redis_url: str, redis_prefix: str, pg_dsn: str, tmp_path: Path, redis_proxy: FaultProxy,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # With no Plan watcher to announce epoch bumps, a router asks PostgreSQL for the
+    # cache epoch at most every CACHE_EPOCH_TTL seconds: the reader is held to the
+    # epoch it knows until the test lets it ask again, whatever the machine's speed.
+    monkeypatch.setattr(sync_migrating, "CACHE_EPOCH_TTL", 3600.0)
     reader = retired(redis_url, redis_prefix, pg_dsn, tmp_path)
     writer = retired(redis_proxy.redis_url_for(redis_url), redis_prefix, pg_dsn, tmp_path)
     writer.save_session(session("s1"))
@@ -40,18 +46,23 @@ def test_a_write_that_cannot_invalidate_succeeds_is_recorded_and_the_entry_dropp
     redis_proxy.refuse()
     redis_proxy.cut()
     writer.append_message("s1", message(0))  # PostgreSQL took it; Redis heard nothing
-    own = writer.read("s1")
-    elsewhere = reader.read("s1")
+    own = writer.read("s1")  # Redis unreachable: PostgreSQL
+    elsewhere = reader.read("s1")  # it has not asked for the epoch since the bump
+    monkeypatch.setattr(sync_migrating, "CACHE_EPOCH_TTL", 0.0)
+    asked = reader.read("s1")  # asks, learns the bump: the old entry is a miss; refills
     redis_proxy.heal()
-    retried = writer.read("s1")  # drops the entry first, then reads and fills
-    healed = reader.read("s1")
+    healed = writer.read("s1")
 
     assert writer.stats.cache["invalidation_failed"] >= 2  # begin and end
+    assert writer.stats.cache["epoch_bumped"] >= 1 and not writer._cache.pending
     assert own.source == "postgres" and own.state is not None and len(own.state.messages) == 1
-    # The documented window: another process may serve the old entry until it expires
-    # or an invalidation gets through.
-    assert elsewhere.source == "cache"
-    assert retried.source == "postgres" and not writer._cache.pending
+    # The window: another process serves the entry filled before the write until it
+    # learns of the epoch the write bumped in PostgreSQL (at once through a Plan
+    # watcher, else when it next asks, at most CACHE_EPOCH_TTL later).
+    assert elsewhere.source == "cache" and elsewhere.state is not None
+    assert len(elsewhere.state.messages) == 0
+    assert asked.source == "postgres" and asked.state is not None
+    assert len(asked.state.messages) == 1
     assert healed.source == "cache" and healed.state is not None
     assert len(healed.state.messages) == 1
     reader.close()

@@ -227,6 +227,41 @@ def test_a_quarantined_session_shows_its_entry_and_why_redis_cannot_read_it(
     assert found.report.parity_status == "error"
 
 
+def test_a_quarantined_records_text_is_shown_as_length_and_hash_unless_values_are_asked(
+    config: Settings, legacy: RedisStore, redis_url: str
+) -> None:
+    legacy.save_session(session("leaky"))
+    client = redis.Redis.from_url(redis_url)
+    client.rpush(legacy.layout.session_keys("leaky")[1],
+                 json.dumps({"id": "m0", "role": "user", "content": SECRET}).encode()[:-2])
+    client.close()
+    backfill(config, BackfillOptions(prefix=config.prefix))
+
+    listed = cli(config, "quarantine", "list", "--json")
+    (entry,) = json.loads(listed[1])
+    hidden = {
+        "list": listed, "list table": cli(config, "quarantine", "list"),
+        "show": cli(config, "quarantine", "show", str(entry["id"]), "--json"),
+        "show text": cli(config, "quarantine", "show", str(entry["id"])),
+        "inspect": cli(config, "inspect", "leaky", "--json"),
+        "inspect text": cli(config, "inspect", "leaky"),
+    }
+    shown = {
+        "list": cli(config, "quarantine", "list", "--json", "--show-values"),
+        "show": cli(config, "quarantine", "show", str(entry["id"]), "--show-values"),
+        "inspect": cli(config, "inspect", "leaky", "--json", "--show-values"),
+        "inspect text": cli(config, "inspect", "leaky", "--show-values"),
+    }
+
+    assert entry["session_id"] == "leaky"
+    assert "key" in entry["reason"] and "is not valid JSON" in entry["reason"]
+    assert f"{config.prefix}:session:leaky:messages" in entry["reason"]
+    for name, (code, out, _) in hidden.items():
+        assert code == 0 and "leaky" in out and SECRET not in out, name
+    for name, (code, out, _) in shown.items():
+        assert code == 0 and SECRET in out, name
+
+
 def test_a_session_in_neither_store_is_not_found(config: Settings) -> None:
     with pytest.raises(NotInEitherStore, match="neither Redis"):
         inspect_session(config, "nobody")

@@ -22,6 +22,7 @@ from memshift.stores.redis import RedisStore
 
 SLICE = "resume"
 BROKEN = "sess_broken_json"
+LEAKED = "sk_live_seeded_secret_0451"  # in the unreadable record: the pages must not show it
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,8 @@ def _quarantine(settings: Settings, redis_url: str, prefix: str) -> None:
     with RedisStore(redis_url, prefix=prefix) as legacy:
         legacy.save_session(Session(session_id=BROKEN, tenant_id="tenant-1", version=1))
         client = redis.Redis.from_url(redis_url)
-        client.rpush(legacy.layout.session_keys(BROKEN)[1], b'{"id": "m0", "role": "us')
+        client.rpush(legacy.layout.session_keys(BROKEN)[1],
+                     b'{"id": "m0", "role": "user", "content": "' + LEAKED.encode() + b'", "ts')
         client.close()
     backfill(settings, BackfillOptions(prefix=prefix))
 

@@ -19,6 +19,7 @@ import pytest
 from memshift.inspect import inspect_session
 from memshift.migrate.plan import load_plan, set_slice
 from tests.web.conftest import Dashboard
+from tests.web.seed import LEAKED
 
 PAGES = ["/", "/parity", "/backfill", "/repair", "/quarantine", "/audit", "/session?id=x",
          "/api/overview", "/api/parity", "/api/parity/trend", "/api/session?id=x",
@@ -88,6 +89,23 @@ def test_the_session_api_is_what_inspect_reports(dashboard: Dashboard) -> None:
     assert shown["stores"] == expected["stores"]
     assert shown["read_paths"] == expected["read_paths"]
     assert missing.status_code == 404 and "neither Redis" in missing.json()["error"]
+
+
+def test_the_unreadable_records_text_shows_only_when_values_are_asked_for(
+    dashboard: Dashboard,
+) -> None:
+    broken = f"id={dashboard.seeded.quarantined}"
+    pages = ["/quarantine", "/api/quarantine", f"/session?{broken}", f"/api/session?{broken}"]
+    with logged_in(dashboard) as client:
+        hidden = {page: client.get(page) for page in pages}
+        shown = {page: client.get(page + ("&" if "?" in page else "?") + "show_values=1")
+                 for page in pages}
+
+    for page in pages:
+        assert hidden[page].status_code == 200 and shown[page].status_code == 200, page
+        assert "is not valid JSON" in hidden[page].text, page
+        assert LEAKED not in hidden[page].text, page
+        assert LEAKED in shown[page].text, page
 
 
 def test_logging_in_sets_an_httponly_samesite_strict_cookie(dashboard: Dashboard) -> None:

@@ -839,11 +839,7 @@ class _OutageRun:
         with _proxy_for(self.dsn) as proxy:
             through = make_conninfo(proxy.dsn_for(self.dsn), connect_timeout=_CONNECT_TIMEOUT)
             watcher = PlanWatcher(through, poll_seconds=0.2, max_staleness=1.0)
-            routers = [MigratingStore(
-                RedisStore(self.redis_url, layout=self.settings.layout,
-                           prefix=self.settings.prefix),
-                PostgresStore(through, max_size=2, timeout=_POOL_TIMEOUT),
-                watcher, spool_path=self.spool_path) for _ in range(workers)]
+            routers = [self.router(through, watcher) for _ in range(workers)]
             try:
                 with _quiet(_EXPECTED_NOISE):
                     agents, drain = self._outage(generated, routers, proxy, outage, faults)
@@ -861,6 +857,15 @@ class _OutageRun:
         self._stores(generated, agents)
         self._plan(plan, fresh)
         return self.figures, self.notes
+
+    def router(self, dsn: str, watcher: PlanWatcher) -> MigratingStore:
+        """One agent's router, to PostgreSQL at ``dsn`` (through the fault proxy), with
+        the settings' secondary timeout, as the application's routers have it."""
+        return MigratingStore(
+            RedisStore(self.redis_url, layout=self.settings.layout, prefix=self.settings.prefix),
+            PostgresStore(dsn, max_size=2, timeout=_POOL_TIMEOUT),
+            watcher, spool_path=self.spool_path,
+            secondary_timeout=self.settings.secondary_timeout_seconds)
 
     def _outage(self, generated: list[GeneratedSession], routers: list[MigratingStore],
                 proxy: FaultProxy, outage: float, faults: Sequence[str],

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 # Why a read went where it did:
 #   stage                  the stage sends every read of this path there
 #   slice                  a cutover slice covers this read path, session and tenant
-#   stale_plan             the Plan could not be refreshed in time: Redis, the old store
+#   stale_plan             the Plan could not be refreshed in time: before pg_primary,
+#                          Redis serves (the old store); in retired, PostgreSQL without
+#                          the cache (the Plan may have missed a cache epoch bump)
 #   repair_pending         the chosen store missed writes still queued for repair
 #   secondary_unavailable  the chosen store (not the primary) could not be reached
 ReadReason = Literal["stage", "slice", "stale_plan", "repair_pending", "secondary_unavailable"]

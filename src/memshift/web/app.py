@@ -359,7 +359,8 @@ def create_app(settings: Settings, token: str, *, allow_remote: bool = False) ->
         *board.page("backfill", lambda conn, r: views.backfill(conn)),
         *board.page("repair", lambda conn, r: views.repair(conn)),
         *board.page("quarantine", lambda conn, r: views.quarantine(
-            conn, show_all=r.query_params.get("all") == "1")),
+            conn, show_all=r.query_params.get("all") == "1",
+            show_values=r.query_params.get("show_values") == "1")),
         *board.page("audit", lambda conn, r: views.audit(conn)),
         Route("/session", board.session_page, name="session"),
         Route("/api/session", board.session_api, name="api_session"),

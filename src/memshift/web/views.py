@@ -13,7 +13,7 @@ from typing import Any
 import psycopg
 
 from memshift.errors import ConfigError
-from memshift.inspect import Inspection
+from memshift.inspect import Inspection, quarantine_json
 from memshift.migrate.backfill import runs
 from memshift.migrate.parity import iso_z
 from memshift.migrate.plan import (
@@ -25,7 +25,7 @@ from memshift.migrate.plan import (
     history,
     load_plan,
 )
-from memshift.migrate.quarantine import QuarantineEntry, entries
+from memshift.migrate.quarantine import entries
 from memshift.migrate.rule import RollbackRule, evaluate_rule, shadow_sample_rate
 from memshift.observe.control_plane import (
     failing_sessions,
@@ -143,18 +143,15 @@ def repair(conn: psycopg.Connection[Any], *, limit: int = 200) -> dict[str, Any]
     }
 
 
-def _quarantine_json(entry: QuarantineEntry) -> dict[str, Any]:
-    return {"id": entry.id, "source": entry.source, "session_id": entry.session_id,
-            "reason": entry.reason, "state": entry.state, "seen": entry.seen,
-            "first_seen": iso_z(entry.first_seen), "last_seen": iso_z(entry.last_seen)}
-
-
 def quarantine(
-    conn: psycopg.Connection[Any], *, show_all: bool = False, limit: int = 200
+    conn: psycopg.Connection[Any], *, show_all: bool = False, show_values: bool = False,
+    limit: int = 200,
 ) -> dict[str, Any]:
+    """The quarantine page: the record's own text in reasons redacted unless asked."""
     found = entries(conn, state=None if show_all else "open", limit=limit)
-    return {"plan": plan_json(load_plan(conn)), "all": show_all,
-            "open": quarantine_open(conn), "entries": [_quarantine_json(e) for e in found]}
+    return {"plan": plan_json(load_plan(conn)), "all": show_all, "show_values": show_values,
+            "open": quarantine_open(conn),
+            "entries": [quarantine_json(e, show_values=show_values) for e in found]}
 
 
 def change_of(entry: AuditEntry) -> str:
