@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -26,14 +27,17 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
 )
+from langchain_core.runnables import RunnableLambda
+from langchain_core.runnables.history import RunnableWithMessageHistory
 from langchain_postgres import PostgresChatMessageHistory
 
 from memshift.adapters.langchain import ClearRefused, MigratingChatMessageHistory
 from memshift.config import Settings
-from memshift.errors import MessageConflict, SeqGap
+from memshift.errors import ConfigError, MessageConflict, SeqGap
 from memshift.migrate.backfill import BackfillOptions, backfill
 from memshift.migrate.parity import parity
 from memshift.migrate.plan import (
+    Plan,
     Stage,
     StaticPlan,
     load_plan,
@@ -43,6 +47,7 @@ from memshift.migrate.plan import (
 )
 from memshift.migrate.quarantine import entries
 from memshift.migrate.repair import repair
+from memshift.migrate.rule import enforce_rule, set_rule
 from memshift.model import Message
 from memshift.stores.layouts.langchain import (
     LangChainLayout,
@@ -55,10 +60,16 @@ from memshift.stores.layouts.langchain import (
 )
 from memshift.stores.layouts.langchain.messages import to_dict
 from memshift.stores.layouts.langchain.projection import check
-from memshift.stores.migrating import MigratingStore
-from memshift.stores.postgres import PostgresStore
-from memshift.stores.redis import RedisStore
-from tests.integration.layouts_support import LONG, layout_settings, run_in_threads
+from memshift.stores.migrating import AsyncMigratingStore, MigratingStore
+from memshift.stores.postgres import AsyncPostgresStore, PostgresStore
+from memshift.stores.redis import AsyncRedisStore, RedisStore
+from tests.integration.layouts_support import (
+    LONG,
+    diffs_of_a_deleted_row,
+    layout_settings,
+    projection_drift,
+    run_in_threads,
+)
 from tests.integration.test_cli import memshift
 
 TABLE = "chat_history"
@@ -160,6 +171,64 @@ def test_a_second_backfill_and_a_second_install_add_no_row(
     assert pg.execute("SELECT count(*) FROM chat_history").fetchone() == rows
     projection = installed(pg)
     assert projection is not None and check(pg, projection, list(written)) == {}
+
+
+def test_parity_fails_projection_matches_when_a_chat_history_row_is_deleted_by_hand(
+    config: Settings, pg: psycopg.Connection[Any], redis_url: str, redis_prefix: str
+) -> None:
+    written = write_legacy(redis_url, redis_prefix)
+    backfill(config, BackfillOptions(layout="langchain", prefix=redis_prefix))
+    sid = SESSION_IDS[1]
+    rows = [r[0] for r in pg.execute(
+        "SELECT message FROM chat_history WHERE session_id = %s ORDER BY id", [session_uuid(sid)])]
+    pg.execute("DELETE FROM chat_history WHERE session_id = %s AND message = %s",
+               [session_uuid(sid), Jsonb(rows[1])])
+
+    diffs = projection_drift(config, list(written), sid)
+
+    assert diffs == diffs_of_a_deleted_row("public.chat_history", rows, 1)
+
+
+def test_a_chat_history_table_dropped_by_hand_fails_every_session_saying_why(
+    config: Settings, pg: psycopg.Connection[Any], redis_url: str, redis_prefix: str
+) -> None:
+    written = write_legacy(redis_url, redis_prefix)
+    backfill(config, BackfillOptions(layout="langchain", prefix=redis_prefix))
+    pg.execute("DROP TABLE chat_history")
+
+    reports = list(parity(config, session_ids=list(written)))
+
+    assert {r.parity_status for r in reports} == {"fail"}
+    for report in reports:
+        assert report.failed_checks == ["projection_matches"]
+        (diff,) = report.as_json()["diffs"]
+        assert diff["postgres"].startswith("public.chat_history cannot be compared with "
+                                           "memshift's truth: relation")
+        assert "install() again" in diff["postgres"]
+
+
+def test_a_drifted_projection_fires_the_rollback_rule_when_its_check_is_critical(
+    config: Settings, pg: psycopg.Connection[Any], redis_url: str, redis_prefix: str
+) -> None:
+    written = write_legacy(redis_url, redis_prefix)
+    backfill(config, BackfillOptions(layout="langchain", prefix=redis_prefix))
+    set_stage(pg, "dual_write", "go")
+    set_stage(pg, "shadow", "go", force=True)
+    set_stage(pg, "cutover", "go", force=True)
+    set_slice(pg, "history", 100, "cut it over")
+    set_rule(pg, "the application will read the chat history table", window=1000,
+             critical=["projection_matches"])
+    pg.execute("DELETE FROM chat_history WHERE session_id = %s",
+               [session_uuid(SESSION_IDS[0])])
+
+    reports = list(parity(config, session_ids=list(written)))
+    fired = enforce_rule(pg)
+
+    assert [r.failed_checks for r in reports if r.parity_status != "pass"] == [
+        ["projection_matches"]]
+    assert [(f.read_path, f.critical_failures) for f in fired] == [
+        ("history", {"projection_matches": 1})]
+    assert load_plan(pg).slices["history"].percent == 0
 
 
 def test_messages_arriving_out_of_order_and_twice_are_projected_once_in_seq_order(
@@ -393,6 +462,114 @@ def test_an_application_on_the_adapter_keeps_every_message_across_the_stages(
         assert postgres_history(pg, sid) == messages, sid
     projection = installed(pg)
     assert projection is not None and check(pg, projection, list(app.expected)) == {}
+
+
+class AsyncApp:
+    """The same loop on LangChain's async path: RunnableWithMessageHistory.ainvoke over
+    a model that answers how many messages it was given (history and input)."""
+
+    def __init__(self, router: AsyncMigratingStore) -> None:
+        self.router = router
+        self.expected: dict[str, list[BaseMessage]] = {}
+
+        async def model(messages: list[BaseMessage]) -> AIMessage:
+            return AIMessage(f"{len(messages)} messages seen")
+
+        self.chain = RunnableWithMessageHistory(
+            RunnableLambda(model), lambda sid: MigratingChatMessageHistory(sid, router))
+
+    async def turn(self, sid: str, n: int) -> None:
+        chat = MigratingChatMessageHistory(sid, self.router)
+        new = turn(n, tag=f"{sid}-")
+        await chat.aadd_messages(new)
+        question = HumanMessage(f"{sid}: turn {n}")
+        answer = await self.chain.ainvoke([question], {"configurable": {"session_id": sid}})
+        expected = self.expected.setdefault(sid, [])
+        assert answer.content == f"{len(expected) + len(new) + 1} messages seen", sid
+        expected += [*new, question, answer]
+        assert await chat.aget_messages() == expected, sid
+
+    async def all_turns(self, n: int) -> None:
+        for sid in list(self.expected):
+            await self.turn(sid, n)
+
+
+# LangChain 1.x deprecates it for LangGraph's persistence, but applications still run on it.
+@pytest.mark.filterwarnings("ignore:RunnableWithMessageHistory is deprecated")
+async def test_an_async_application_on_the_adapter_keeps_every_message_across_the_stages(
+    config: Settings, pg_dsn: str, pg: psycopg.Connection[Any], redis_url: str,
+    redis_prefix: str, tmp_path: Any,
+) -> None:
+    plan = StaticPlan(load_plan(pg))
+    router = AsyncMigratingStore(
+        AsyncRedisStore(redis_url, layout=LangChainLayout(redis_prefix)),
+        AsyncPostgresStore(pg_dsn), plan, spool_path=tmp_path / "spool")
+    app = AsyncApp(router)
+    for sid in ("a", "b ü"):
+        history(redis_url, redis_prefix, sid).add_messages(turn(0, tag=sid))
+        app.expected[sid] = turn(0, tag=sid)
+
+    def backfill_then_shadow() -> Plan:
+        backfill(config, BackfillOptions(layout="langchain", prefix=redis_prefix))
+        return set_stage(pg, "shadow", "test: shadow")
+
+    def cutover_once_parity_passes() -> Plan:
+        reports = parity(config, session_ids=list(app.expected))
+        assert {r.parity_status for r in reports} == {"pass"}
+        return set_stage(pg, "cutover", "test: cutover")
+
+    steps: list[Callable[[], Plan]] = [
+        lambda: set_stage(pg, "dual_write", "test: dual_write"),
+        backfill_then_shadow,
+        cutover_once_parity_passes,
+        lambda: set_slice(pg, "history", 50, "test: half"),
+        lambda: rollback(pg, "test: drill"),
+        lambda: set_slice(pg, "history", 100, "test: all"),
+        cutover_once_parity_passes,
+        lambda: set_stage(pg, "pg_primary", "test: pg_primary"),
+        lambda: set_stage(pg, "retired", "test: retired"),
+    ]
+    await app.turn("new in redis_only", 1)
+    for n, step in enumerate(steps, start=2):
+        plan.plan = step()
+        if plan.plan.stage is Stage.PG_PRIMARY:
+            app.expected.setdefault("new in pg_primary", [])
+        await app.all_turns(n)
+    await router.close()
+
+    # Retired, Redis is only a cache: what matters is the table the application will read.
+    reports = list(parity(config, session_ids=list(app.expected)))
+    assert [r.checks["projection_matches"] for r in reports] == [True] * len(app.expected)
+    async with await psycopg.AsyncConnection.connect(pg_dsn) as conn:
+        for sid, messages in app.expected.items():
+            chat = PostgresChatMessageHistory(TABLE, str(session_uuid(sid)),
+                                              async_connection=conn)
+            assert await chat.aget_messages() == messages, sid
+
+
+async def test_an_async_router_refuses_sync_calls_saying_what_to_await_and_a_sync_one_serves_both(
+    pg_dsn: str, pg: psycopg.Connection[Any], redis_url: str, redis_prefix: str, tmp_path: Any
+) -> None:
+    layout = LangChainLayout(redis_prefix)
+    on_async = MigratingChatMessageHistory("s", AsyncMigratingStore(
+        AsyncRedisStore(redis_url, layout=layout), AsyncPostgresStore(pg_dsn),
+        StaticPlan(load_plan(pg)), spool_path=tmp_path / "async-spool"))
+    sync_router = MigratingStore(RedisStore(redis_url, layout=layout), PostgresStore(pg_dsn),
+                                 StaticPlan(load_plan(pg)), spool_path=tmp_path / "spool")
+    on_sync = MigratingChatMessageHistory("t", sync_router)
+
+    with pytest.raises(ConfigError, match=r"await aget_messages\(\) instead"):
+        _ = on_async.messages
+    with pytest.raises(ConfigError, match=r"await aadd_messages\(\) instead"):
+        on_async.add_messages(turn(1))
+    with pytest.raises(ClearRefused):
+        await on_async.aclear()
+    await on_sync.aadd_messages(turn(2))
+
+    assert await on_async.aget_messages() == []
+    assert await on_sync.aget_messages() == turn(2)
+    assert history(redis_url, redis_prefix, "t").messages == turn(2)
+    sync_router.close()
 
 
 def test_writes_that_missed_redis_in_pg_primary_are_repaired_in_langchain_format(

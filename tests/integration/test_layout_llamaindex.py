@@ -45,7 +45,12 @@ from memshift.stores.layouts.llamaindex.messages import fields_from_dict, to_dic
 from memshift.stores.layouts.llamaindex.projection import check
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
-from tests.integration.layouts_support import LONG, layout_settings, run_in_threads
+from tests.integration.layouts_support import (
+    LONG,
+    layout_settings,
+    projection_drift,
+    run_in_threads,
+)
 
 TABLE = "chatstore"
 
@@ -148,6 +153,24 @@ def test_backfill_moves_redis_chat_stores_into_postgres_chat_store_equal_and_in_
     expiring = {row[0] for row in pg.execute(
         "SELECT session_id FROM memshift.sessions WHERE expires_at > now()")}
     assert expiring == {sid for i, sid in enumerate(SESSION_IDS) if i % 3 == 0}
+
+
+def test_parity_fails_projection_matches_when_a_chat_store_message_is_changed_by_hand(
+    config: Settings, pg: psycopg.Connection[Any], redis_url: str, redis_prefix: str,
+) -> None:
+    written = write_legacy(redis_url, redis_prefix)
+    backfill(config, BackfillOptions(layout="llamaindex", prefix=redis_prefix))
+    key = f"{redis_prefix}:{SESSION_IDS[3]}"
+    (held,) = pg.execute("SELECT value[2]::jsonb FROM chatstore WHERE key = %s",
+                         [key]).fetchone() or (None,)
+    tampered = {"role": "user", "content": "tampered"}
+    pg.execute("UPDATE chatstore SET value[2] = %s::json WHERE key = %s",
+               [json.dumps(tampered), key])
+
+    diffs = projection_drift(config, list(written), SESSION_IDS[3])
+
+    assert diffs == [{"check": "projection_matches", "field": "public.chatstore[seq=1]",
+                      "redis": held, "postgres": tampered}]
 
 
 def test_the_cli_backfills_the_layout_and_a_second_run_adds_nothing(

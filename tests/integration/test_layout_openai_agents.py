@@ -43,7 +43,11 @@ from memshift.stores.layouts.openai_agents.projection import check
 from memshift.stores.migrating import AsyncMigratingStore
 from memshift.stores.postgres import AsyncPostgresStore, PostgresStore
 from memshift.stores.redis import AsyncRedisStore, RedisStore
-from tests.integration.layouts_support import layout_settings
+from tests.integration.layouts_support import (
+    diffs_of_a_deleted_row,
+    layout_settings,
+    projection_drift,
+)
 
 LONG = "Réponse détaillée ✓ " * 12000  # ~230 kB
 
@@ -135,6 +139,22 @@ async def test_backfill_moves_sdk_sessions_into_its_sqlalchemy_tables_equal_and_
     assert expiring == {sid for i, sid in enumerate(SESSION_IDS) if i % 3 == 0}
     tables = installed(pg)
     assert tables is not None and check(pg, tables, list(written)) == {}
+
+
+async def test_parity_fails_projection_matches_when_an_sdk_row_is_deleted_by_hand(
+    config: Settings, pg: psycopg.Connection[Any], client: aioredis.Redis, key_prefix: str,
+) -> None:
+    written = await write_legacy(client, key_prefix)
+    backfill(config, BackfillOptions(layout="openai-agents", prefix=config.prefix))
+    sid = SESSION_IDS[2]
+    rows = [r[0] for r in pg.execute("SELECT message_data::jsonb FROM agent_messages "
+                                     "WHERE session_id = %s ORDER BY created_at, id", [sid])]
+    pg.execute("DELETE FROM agent_messages WHERE id = "
+               "(SELECT min(id) FROM agent_messages WHERE session_id = %s)", [sid])
+
+    diffs = projection_drift(config, list(written), sid)
+
+    assert diffs == diffs_of_a_deleted_row("public.agent_messages", rows, 0)
 
 
 async def test_items_arriving_out_of_order_are_read_back_in_seq_order(

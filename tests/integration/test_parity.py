@@ -15,6 +15,7 @@ from memshift.config import Settings
 from memshift.generate import generate_sessions
 from memshift.migrate.backfill import BackfillOptions, backfill
 from memshift.migrate.parity import (
+    PROJECTION,
     SEED_CHECKS,
     ParityOptions,
     check_batch,
@@ -96,6 +97,7 @@ def test_identical_sessions_pass_every_check_and_are_recorded(
         assert list(report) == ["session_id", "checks", "parity_status", "diffs", "checked_at"]
         assert report["parity_status"] == "pass" and report["diffs"] == []
         assert all(report["checks"][name] is True for name in SEED_CHECKS)
+        assert PROJECTION not in report["checks"]  # the reference layout keeps no other table
         assert report["checked_at"].endswith("Z")
     with psycopg.connect(pg_dsn) as conn:
         rows = conn.execute(

@@ -9,7 +9,10 @@ one INSERT per batch.
 
 Only what Redis can hold is compared: its untrimmed tail of messages, its tool runs,
 its latest summary and its latest checkpoint. PostgreSQL's own soundness (the
-invariants of DESIGN §2) is checked beside it as ``pg_invariants_hold``.
+invariants of DESIGN §2) is checked beside it as ``pg_invariants_hold``, and for a
+layout that keeps its framework's table from the truth (langchain, openai-agents,
+llamaindex), that table against the truth as ``projection_matches``: it is what the
+application reads once it switches to the framework's PostgreSQL class.
 
 Check values: ``true`` the stores agree, ``false`` they differ, ``null`` the check
 could not run (the session is missing from a store, or a store could not read it).
@@ -35,10 +38,13 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from memshift.config import Settings, require_stores
-from memshift.errors import ConfigError, MemshiftError
+from memshift.errors import ConfigError, MemshiftError, ValidationError
 from memshift.migrate.backfill import connect
-from memshift.model import LEGAL_TRANSITIONS, SessionState, now
+from memshift.model import LEGAL_TRANSITIONS, SessionState, check_session_id, now
+from memshift.redact import redact
 from memshift.sql.queries import query
+from memshift.stores.layouts import Layout
+from memshift.stores.layouts.projection import Drift, KeepsProjection, ProjectionError
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RawSession, RedisStore
 
@@ -56,6 +62,8 @@ SEED_CHECKS = (
 PRESENCE = "presence_matches"
 INVARIANTS = "pg_invariants_hold"
 READABLE = "stores_readable"
+# Only in the reports of a layout whose framework table is kept from the truth.
+PROJECTION = "projection_matches"
 
 # What makes two copies of a message, or of a tool run's retry state, the same; compared
 # as whole tuples (in C) before any field is looked at one by one.
@@ -138,19 +146,25 @@ def iso_z(at: datetime) -> str:
 
 
 def check_session(
-    redis_state: SessionState | None, pg_state: SessionState | None, *, checked_at: datetime
+    redis_state: SessionState | None, pg_state: SessionState | None, *, checked_at: datetime,
+    projection: Sequence[Diff] | None = None,
 ) -> ParityReport:
     """Compare one session as Redis and PostgreSQL hold it; no I/O.
 
     A session that Redis no longer holds but PostgreSQL does is not drift when
     PostgreSQL recorded an expiry that has passed (or its status is ``expired``): the
     report passes, with ``presence_matches`` true and one diff saying so.
+
+    ``projection``: the diffs of the framework table against the truth
+    (:func:`projection_diffs`), empty when it matches; None when the layout keeps no
+    such table (the report then has no ``projection_matches``).
     """
     either = redis_state or pg_state
     sid = either.session_id if either is not None else "?"
     unchecked: dict[str, bool | None] = dict.fromkeys(SEED_CHECKS)
     if redis_state is None or pg_state is None:
-        return _one_side(sid, redis_state, pg_state, unchecked, checked_at)
+        report = _one_side(sid, redis_state, pg_state, unchecked, checked_at)
+        return report if pg_state is None else _with_projection(report, projection)
     diffs: list[Diff] = []
     diffs += _message_count(redis_state, pg_state)
     diffs += _latest_checkpoint(redis_state, pg_state)
@@ -163,7 +177,37 @@ def check_session(
     checks: dict[str, bool | None] = {name: name not in failed for name in SEED_CHECKS}
     checks[PRESENCE] = True
     checks[INVARIANTS] = INVARIANTS not in failed
-    return ParityReport(sid, checks, "fail" if diffs else "pass", tuple(diffs), checked_at)
+    report = ParityReport(sid, checks, "fail" if diffs else "pass", tuple(diffs), checked_at)
+    return _with_projection(report, projection)
+
+
+def _with_projection(report: ParityReport, projection: Sequence[Diff] | None) -> ParityReport:
+    """The report with ``projection_matches`` added (failing it when there are diffs)."""
+    if projection is None:
+        return report
+    checks = report.checks | {PROJECTION: not projection}
+    status = "fail" if projection else report.parity_status
+    return ParityReport(report.session_id, checks, status, (*report.diffs, *projection),
+                        report.checked_at)
+
+
+def projection_diffs(drift: Drift) -> list[Diff]:
+    """A framework table's drift from the truth as diffs: the row counts when they
+    differ, and the first row that differs.
+
+    The ``redis`` side is what the table should hold: the truth's message (the other
+    checks compare the truth with Redis) as the framework stores it; the
+    ``postgres`` side is what the framework table holds (None: no row).
+    """
+    want, have, at = drift.want, drift.have, drift.first_difference
+    diffs: list[Diff] = []
+    if len(want) != len(have):
+        diffs.append(Diff(PROJECTION, f"{drift.where}.message_count", len(want), len(have)))
+    if at < max(len(want), len(have)):
+        diffs.append(Diff(PROJECTION, f"{drift.where}[seq={drift.first_seq + at}]",
+                          want[at] if at < len(want) else None,
+                          have[at] if at < len(have) else None, sensitive=True))
+    return diffs
 
 
 def _one_side(
@@ -412,7 +456,8 @@ def parity(
     (by a recorder thread, while the next batch is judged).
 
     Batches overlap: once a batch has been read from Redis, a worker thread reads it
-    from PostgreSQL (the query, then the decoding) while this thread reads the next
+    from PostgreSQL (the query, then the decoding), and another compares its framework
+    table with the truth (a layout that keeps one), while this thread reads the next
     batch from Redis and judges the one before. Each session is still read from
     Redis first, then from PostgreSQL (see :func:`_read`).
     """
@@ -427,16 +472,18 @@ def parity(
             RedisStore(redis_url, layout=settings.layout,
                        prefix=settings.prefix) as legacy, \
             ThreadPoolExecutor(1, thread_name_prefix="memshift-parity") as postgres_reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="memshift-parity-table") as table_reader, \
             ThreadPoolExecutor(1, thread_name_prefix="memshift-parity-record") as recorder:
-        before: tuple[list[RawSession], Future[_Truth]] | None = None
+        before: tuple[list[RawSession], Future[_Truth], Future[_FrameworkTable]] | None = None
         recording: tuple[list[ParityReport], Future[None]] | None = None
         for batch in _batches(conn, truth, legacy, session_ids, sample, options.batch_size):
             with _gc_paused():
                 redis_reads = legacy.read_sessions(batch)
                 loading = postgres_reader.submit(_load_truth, truth, batch)
+                comparing = table_reader.submit(_framework_table, truth, batch, legacy.layout)
                 judged = [] if before is None else _judge_read_ahead(
                     legacy, truth, *before, options)
-            before = (redis_reads, loading)
+            before = (redis_reads, loading, comparing)
             yield from _recorded(recording)
             recording = _record_in_background(recorder, recorder_conn, judged, options)
         if before is not None:
@@ -498,11 +545,11 @@ def _gc_paused() -> Iterator[None]:
 
 
 def _judge_read_ahead(
-    legacy: RedisStore, truth: PostgresStore,
-    redis_reads: list[RawSession], loading: Future[_Truth], options: ParityOptions,
+    legacy: RedisStore, truth: PostgresStore, redis_reads: list[RawSession],
+    loading: Future[_Truth], comparing: Future[_FrameworkTable], options: ParityOptions,
 ) -> list[ParityReport]:
     """Judge a batch read ahead, re-reading the sessions that were still moving."""
-    first = _pair(redis_reads, loading.result())
+    first = _pair(redis_reads, loading.result().beside(comparing.result()))
     return [judged.report for judged in _settle(legacy, truth, first, options.settle_seconds)]
 
 
@@ -544,21 +591,40 @@ class _Read:
     redis: RawSession
     postgres: SessionState | None
     postgres_error: str | None
+    projection: tuple[Diff, ...] | None = None  # None: no framework table to check
+
+
+@dataclass(frozen=True)
+class _FrameworkTable:
+    """A batch's framework table against the truth: the diffs of each session (None:
+    the layout keeps no such table), or why it could not be read."""
+
+    diffs: dict[str, tuple[Diff, ...]] | None
+    errors: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class _Truth:
-    """A batch as PostgreSQL holds it: each session's state, or why it could not be read."""
+    """A batch as PostgreSQL holds it: each session's state, or why it could not be read,
+    and the diffs of its framework table (None: the layout keeps none)."""
 
     states: dict[str, SessionState | None]
     errors: dict[str, str]
+    projection: dict[str, tuple[Diff, ...]] | None = None
+
+    def beside(self, table: _FrameworkTable) -> _Truth:
+        return _Truth(self.states, table.errors | self.errors, table.diffs)
+
+    def projection_of(self, session_id: str) -> tuple[Diff, ...] | None:
+        return None if self.projection is None else self.projection.get(session_id, ())
 
 
 def _read(legacy: RedisStore, truth: PostgresStore, ids: Sequence[str]) -> list[_Read]:
     # Redis first: while Redis is primary a write lands there first, so PostgreSQL,
     # read after it, is at least as new for writes that were acknowledged.
     raw = legacy.read_sessions(ids)
-    return _pair(raw, _load_truth(truth, ids))
+    loaded = _load_truth(truth, ids)
+    return _pair(raw, loaded.beside(_framework_table(truth, ids, legacy.layout)))
 
 
 def _load_truth(truth: PostgresStore, ids: Sequence[str]) -> _Truth:
@@ -577,9 +643,46 @@ def _load_truth(truth: PostgresStore, ids: Sequence[str]) -> _Truth:
         return _Truth(states, errors)
 
 
+def _framework_table(truth: PostgresStore, ids: Sequence[str], layout: Layout
+                     ) -> _FrameworkTable:
+    """The batch's framework table compared with the truth, in one statement (for a
+    layout that keeps one).
+
+    A table that cannot be compared (dropped, or not the projection's any more) fails
+    every session's ``projection_matches`` with the reason; a lost connection makes
+    their reports ``error``, as for any PostgreSQL read. Ids that are no session ids
+    are left to the truth's read, which names what is wrong with them.
+    """
+    valid = [sid for sid in ids if _is_session_id(sid)]
+    if not valid or not isinstance(layout, KeepsProjection):
+        return _FrameworkTable(None)
+    try:
+        truth.open()
+        with truth.pool.connection() as conn:
+            drifts = layout.projection_drift(conn, valid)
+    except ProjectionError as exc:
+        return _FrameworkTable(dict.fromkeys(
+            valid, (Diff(PROJECTION, "framework table", None, str(exc)),)))
+    except (psycopg.OperationalError, MemshiftError) as exc:
+        reason = f"the framework table could not be read: {redact(str(exc)).strip()}"
+        return _FrameworkTable(None, dict.fromkeys(valid, reason))
+    if drifts is None:
+        return _FrameworkTable(None)
+    return _FrameworkTable({sid: tuple(projection_diffs(d)) for sid, d in drifts.items()})
+
+
+def _is_session_id(session_id: str) -> bool:
+    try:
+        check_session_id(session_id)
+    except ValidationError:
+        return False
+    return True
+
+
 def _pair(raw: list[RawSession], loaded: _Truth) -> list[_Read]:
     return [_Read(redis_read, loaded.states.get(redis_read.session_id),
-                  loaded.errors.get(redis_read.session_id)) for redis_read in raw]
+                  loaded.errors.get(redis_read.session_id),
+                  loaded.projection_of(redis_read.session_id)) for redis_read in raw]
 
 
 def _judge(read: _Read, checked_at: datetime) -> ParityReport:
@@ -588,7 +691,8 @@ def _judge(read: _Read, checked_at: datetime) -> ParityReport:
         return error_report(sid, read.redis.error, checked_at, "redis")
     if read.postgres_error is not None:
         return error_report(sid, read.postgres_error, checked_at, "postgres")
-    report = check_session(read.redis.state, read.postgres, checked_at=checked_at)
+    report = check_session(read.redis.state, read.postgres, checked_at=checked_at,
+                           projection=read.projection)
     if report.session_id == "?":
         return ParityReport(sid, report.checks, report.parity_status, report.diffs, checked_at)
     return report

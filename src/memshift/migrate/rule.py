@@ -35,7 +35,7 @@ from pydantic import ValidationError as PydanticError
 from memshift.config import Settings
 from memshift.errors import ConfigError, MemshiftError, StoreUnavailable, ValidationError
 from memshift.migrate.backfill import connect
-from memshift.migrate.parity import INVARIANTS, PRESENCE, SEED_CHECKS
+from memshift.migrate.parity import INVARIANTS, PRESENCE, PROJECTION, SEED_CHECKS
 from memshift.migrate.plan import Plan, Stage, load_plan, rollback, set_rules
 from memshift.redact import redact
 from memshift.sql.queries import query
@@ -45,7 +45,7 @@ log = logging.getLogger("memshift.rule")
 WATCHER = "memshift watch"  # who the audit names for the rule's rollbacks
 # The share of shadow and cutover reads that are also compared live (0 to 1).
 DEFAULT_SHADOW_SAMPLE_RATE = 0.01
-KNOWN_CHECKS = (*SEED_CHECKS, PRESENCE, INVARIANTS)
+KNOWN_CHECKS = (*SEED_CHECKS, PRESENCE, INVARIANTS, PROJECTION)
 
 
 class RollbackRule(BaseModel):

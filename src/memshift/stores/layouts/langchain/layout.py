@@ -34,6 +34,7 @@ migrating.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from memshift.stores.layouts.framework import MEMSHIFT_DEFAULT_PREFIX
 from memshift.stores.layouts.langchain import projection
 from memshift.stores.layouts.langchain.messages import LANGCHAIN_TYPES, fields_from_dict, to_json
 from memshift.stores.layouts.langchain.projection import DEFAULT_TABLE
+from memshift.stores.layouts.projection import Drift
 
 __all__ = ["DEFAULT_PREFIX", "ID_CHECK_WINDOW", "LangChainLayout", "NotInLayout"]
 
@@ -71,6 +73,12 @@ class LangChainLayout(ChatListLayout):
         """Install the chat history projection (into ``table``) unless one is installed."""
         if projection.installed(conn) is None:
             projection.install(conn, self.table)
+
+    def projection_drift(self, conn: psycopg.Connection[Any],
+                         session_ids: Sequence[str]) -> dict[str, Drift] | None:
+        """Sessions whose chat history rows differ from the truth (parity's projection check)."""
+        found = projection.installed(conn)
+        return None if found is None else projection.drifted(conn, found, session_ids)
 
     def script_dir(self) -> Path:
         return Path(__file__).parent / "lua"

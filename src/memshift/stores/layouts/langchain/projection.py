@@ -32,15 +32,15 @@ import psycopg
 from psycopg import sql
 
 from memshift.stores.layouts.projection import (
+    Drift,
+    Framework,
     ProjectionError,
-    Statements,
     TableName,
-    catch_up,
     check_shape,
     columns,
-    difference,
+    drift,
     lock,
-    refuse_another,
+    refuse_foreign_rows,
     schema_of,
 )
 
@@ -50,6 +50,7 @@ __all__ = [
     "Projection",
     "ProjectionError",
     "check",
+    "drifted",
     "install",
     "installed",
     "session_uuid",
@@ -66,7 +67,7 @@ _SHAPE = {
     "message": "jsonb",
     "created_at": "timestamp with time zone",
 }
-_SQL = Statements("memshift.stores.layouts.langchain")
+_SQL = Framework("langchain")
 Projection = TableName  # where the projection writes: langchain-postgres' table
 
 
@@ -77,10 +78,7 @@ def session_uuid(session_id: str) -> uuid.UUID:
 
 def installed(conn: psycopg.Connection[Any]) -> Projection | None:
     """The installed projection, or None."""
-    row = conn.execute("SELECT to_regclass('memshift.langchain_projection')").fetchone()
-    if row is None or row[0] is None:
-        return None
-    found = conn.execute(_SQL("installed")).fetchone()
+    found = _SQL.installed_row(conn)
     return None if found is None else Projection(found[0], found[1])
 
 
@@ -101,7 +99,7 @@ def install(
         )
     with conn.transaction():
         lock(conn)
-        refuse_another(conn, "langchain")
+        _SQL.refuse_another(conn)
         crypto = _pgcrypto(conn)
         projection = Projection(schema_of(conn, schema), table)
         conn.execute(_SQL("create_projection_record"))
@@ -113,13 +111,13 @@ def install(
                 "keep that table, or run uninstall() first"
             )
         _create_table(conn, projection, fresh=existing is None)
-        for name in ("uuid_function", "message_function", "project_function",
-                     "trigger_function", "drop_trigger", "create_trigger"):
+        for name in ("uuid_function", "message_function", "project_function"):
             conn.execute(_SQL(name, table=projection.identifier, crypto=sql.Identifier(crypto),
                               namespace=sql.Literal(NAMESPACE.hex)))
+        _SQL.install_trigger(conn)
         conn.execute(_SQL("record_install"),
                      {"schema": projection.schema, "table": projection.table})
-    catch_up(conn, _SQL("project"))
+    _SQL.catch_up(conn)
     return projection
 
 
@@ -148,41 +146,25 @@ def _create_table(conn: psycopg.Connection[Any], projection: Projection, *, fres
     index = sql.Identifier(f"idx_{projection.table}_session_id")
     conn.execute(_SQL("create_chat_index", table=projection.identifier, index=index))
     if fresh:
-        row = conn.execute(_SQL("foreign_rows", table=projection.identifier)).fetchone()
-        if row is not None and row[0]:
-            raise ProjectionError(
-                f"table {projection} already holds {row[0]} rows that memshift did not "
-                "write; memshift projects the truth into a table of its own: name another "
-                "table, or empty this one if its rows are also in Redis"
-            )
+        refuse_foreign_rows(conn, _SQL("foreign_rows", table=projection.identifier),
+                            str(projection))
 
 
 def uninstall(conn: psycopg.Connection[Any]) -> None:
     """Stop projecting (the trigger and its functions go); the tables and rows stay."""
-    with conn.transaction():
-        lock(conn)
-        if installed(conn) is None:
-            return
-        conn.execute(_SQL("drop_trigger"))
-        conn.execute(_SQL("drop_functions"))
-        conn.execute(_SQL("forget_install"))
+    _SQL.uninstall(conn)
+
+
+def drifted(
+    conn: psycopg.Connection[Any], projection: Projection, session_ids: Sequence[str]
+) -> dict[str, Drift]:
+    """The sessions whose chat history rows differ from the truth, with both sides."""
+    return drift(conn, str(projection), _SQL("render"),
+                 _SQL("projected", table=projection.identifier), session_ids)
 
 
 def check(
     conn: psycopg.Connection[Any], projection: Projection, session_ids: Sequence[str]
 ) -> dict[str, str]:
-    """Sessions whose chat history rows differ from the truth, with what differs.
-
-    A session whose truth has a missing seq shows its later messages as not projected
-    yet: they wait for the gap to be filled.
-    """
-    problems: dict[str, str] = {}
-    for sid in session_ids:
-        want = [r[0] for r in conn.execute(_SQL("expected_messages"), {"session_id": sid})]
-        have = [r[0] for r in conn.execute(
-            _SQL("projected_messages", table=projection.identifier),
-            {"session_uuid": session_uuid(sid)},
-        )]
-        if want != have:
-            problems[sid] = difference(str(projection), want, have)
-    return problems
+    """Sessions whose chat history rows differ from the truth, with what differs."""
+    return {sid: d.describe() for sid, d in drifted(conn, projection, session_ids).items()}

@@ -145,49 +145,19 @@ BEGIN
 END
 $fn$;
 
--- name: trigger_function
-CREATE OR REPLACE FUNCTION memshift.langchain_project_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-    PERFORM memshift.langchain_project(ARRAY(SELECT DISTINCT session_id FROM inserted));
-    RETURN NULL;
-END
-$fn$;
-
--- name: drop_trigger
-DROP TRIGGER IF EXISTS langchain_projection ON memshift.messages;
-
--- name: create_trigger
--- Every path that adds truth messages (live writes, backfill merges, repair) inserts
--- into memshift.messages: all of them project, in their own transaction.
-CREATE TRIGGER langchain_projection AFTER INSERT ON memshift.messages
-    REFERENCING NEW TABLE AS inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION memshift.langchain_project_inserted();
-
 -- name: record_install
 INSERT INTO memshift.langchain_projection (table_schema, table_name)
 VALUES (%(schema)s, %(table)s)
 ON CONFLICT (singleton) DO NOTHING;
 
--- name: drop_functions
-DROP FUNCTION IF EXISTS memshift.langchain_project_inserted(),
-    memshift.langchain_project(text[]);
+-- name: render
+-- One truth message m as the chat history table holds it (projection/'s expected).
+memshift.langchain_message(m.role, m.content, m.tool_call_id, m.metadata)
 
--- name: forget_install
-DELETE FROM memshift.langchain_projection;
-
--- name: project
-SELECT memshift.langchain_project(%(ids)s);
-
--- name: expected_messages
--- What the chat history table should hold for one session: the truth's messages,
--- from the first projected seq on, as LangChain dicts.
-SELECT memshift.langchain_message(m.role, m.content, m.tool_call_id, m.metadata)
-  FROM memshift.messages m
- WHERE m.session_id = %(session_id)s
-   AND m.seq >= coalesce((SELECT s.messages_trimmed FROM memshift.sessions s
-                           WHERE s.session_id = %(session_id)s), 0)
- ORDER BY m.seq;
-
--- name: projected_messages
-SELECT message FROM {table} WHERE session_id = %(session_uuid)s ORDER BY id;
+-- name: projected
+-- What the chat history table holds for each session given, in the order
+-- PostgresChatMessageHistory reads it.
+SELECT i.session_id, array_agg(c.message ORDER BY c.id) AS messages
+  FROM unnest(%(ids)s::text[]) AS i(session_id)
+  JOIN {table} c ON c.session_id = memshift.langchain_session_uuid(i.session_id)
+ GROUP BY i.session_id

@@ -36,6 +36,7 @@ session while it is being migrated.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ from memshift.stores.layouts.framework import MEMSHIFT_DEFAULT_PREFIX
 from memshift.stores.layouts.llamaindex import projection
 from memshift.stores.layouts.llamaindex.messages import ROLES, fields_from_dict, to_json
 from memshift.stores.layouts.llamaindex.projection import DEFAULT_TABLE
+from memshift.stores.layouts.projection import Drift
 
 __all__ = ["ID_CHECK_WINDOW", "LlamaIndexLayout", "NotInLayout"]
 
@@ -81,6 +83,12 @@ class LlamaIndexLayout(ChatListLayout):
                 f"but this layout reads keys with prefix {self.key_prefix!r}; use the same "
                 "--prefix, or run uninstall() first"
             )
+
+    def projection_drift(self, conn: psycopg.Connection[Any],
+                         session_ids: Sequence[str]) -> dict[str, Drift] | None:
+        """Sessions whose chat store rows differ from the truth (parity's projection check)."""
+        found = projection.installed(conn)
+        return None if found is None else projection.drifted(conn, found, session_ids)
 
     def script_dir(self) -> Path:
         return Path(__file__).parent / "lua"

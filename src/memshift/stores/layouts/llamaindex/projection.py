@@ -24,21 +24,27 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from memshift.stores.layouts import projection as shared
+from memshift.stores.layouts.projection import (
+    Drift,
+    Framework,
+    ProjectionError,
+    drift,
+    lock,
+    refuse_foreign_rows,
+    schema_of,
+)
 
 __all__ = [
     "DEFAULT_TABLE",
     "Projection",
     "ProjectionError",
-    "catch_up",
     "check",
+    "drifted",
     "install",
     "installed",
     "uninstall",
@@ -47,12 +53,8 @@ __all__ = [
 DEFAULT_TABLE = "chatstore"
 # PostgresChatStore lower-cases the table name it is given.
 _TABLE_NAME = re.compile(r"[a-z_][a-z0-9_]*", re.ASCII)
-_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _ELEMENTS = {"_json": "json", "_jsonb": "jsonb"}
-
-
-# The chat store projection cannot be installed or does not match; says what to do.
-ProjectionError = shared.ProjectionError
+_sql = Framework("llamaindex")
 
 
 @dataclass(frozen=True)
@@ -73,25 +75,9 @@ class Projection:
         return f"{self.key_prefix}{session_id}"
 
 
-@cache
-def _texts() -> dict[str, str]:
-    folder = resources.files("memshift.stores.layouts.llamaindex")
-    text = folder.joinpath("projection.sql").read_text(encoding="utf-8")
-    parts = _NAME.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
-
-
-def _sql(name: str, **identifiers: sql.Composable) -> sql.SQL | sql.Composed:
-    text = sql.SQL(_texts()[name])  # our own file: its text, not input, becomes SQL
-    return text.format(**identifiers) if identifiers else text
-
-
 def installed(conn: psycopg.Connection[Any]) -> Projection | None:
     """The installed projection, or None."""
-    row = conn.execute("SELECT to_regclass('memshift.llamaindex_projection')").fetchone()
-    if row is None or row[0] is None:
-        return None
-    found = conn.execute(_sql("installed")).fetchone()
+    found = _sql.installed_row(conn)
     return None if found is None else Projection(*found)
 
 
@@ -118,13 +104,10 @@ def install(
             "is; use lower-case letters, digits and '_' only"
         )
     with conn.transaction():
-        conn.execute(_sql("lock"))
-        shared.lock(conn)
+        lock(conn)
         # Each message projection projects every session of the truth: one per database.
-        shared.refuse_another(conn, "llamaindex")
-        if schema is None:
-            row = conn.execute(_sql("current_schema")).fetchone()
-            schema = str(row[0]) if row is not None else "public"
+        _sql.refuse_another(conn)
+        schema = schema_of(conn, schema)
         conn.execute(_sql("create_projection_record"))
         conn.execute(_sql("create_sessions"))
         existing = installed(conn)
@@ -139,13 +122,13 @@ def install(
         element = _create_table(conn, schema, table, "jsonb" if use_jsonb else "json",
                                 fresh=existing is None)
         projection = Projection(schema, table, key_prefix, element)
-        for name in ("message_function", "project_function", "trigger_function",
-                     "drop_trigger", "create_trigger"):
+        for name in ("message_function", "project_function"):
             conn.execute(_sql(name, table=projection.identifier, element=sql.SQL(element),
                               key_prefix=sql.Literal(key_prefix)))
+        _sql.install_trigger(conn)
         conn.execute(_sql("record_install"), {"schema": schema, "table": table,
                                                "key_prefix": key_prefix, "element": element})
-    catch_up(conn)
+    _sql.catch_up(conn)
     return projection
 
 
@@ -175,67 +158,27 @@ def _create_table(
     conn.execute(_sql("create_chat_index", table=identifier,
                       index=sql.Identifier(f"{table}:idx_key")))
     if fresh:
-        row = conn.execute(_sql("foreign_rows", table=identifier)).fetchone()
-        if row is not None and row[0]:
-            raise ProjectionError(
-                f"table {shown} already holds {row[0]} chats that memshift did not write; "
-                "memshift projects the truth into a table of its own: name another table, "
-                "or empty this one if its chats are also in Redis"
-            )
+        refuse_foreign_rows(conn, _sql("foreign_rows", table=identifier), shown, "chats")
     return element
 
 
 def uninstall(conn: psycopg.Connection[Any]) -> None:
     """Stop projecting (the trigger and its functions go); the tables and rows stay."""
-    with conn.transaction():
-        conn.execute(_sql("lock"))
-        if installed(conn) is None:
-            return
-        conn.execute(_sql("drop_trigger"))
-        conn.execute(_sql("drop_functions"))
-        conn.execute(_sql("forget_install"))
+    _sql.uninstall(conn)
 
 
-def catch_up(conn: psycopg.Connection[Any], batch_size: int = 500) -> int:
-    """Project what the truth holds and the table lacks, a page of sessions at a time.
-
-    Each page is its own transaction, so the catch-up never holds many sessions'
-    locks for long; returns how many messages it added.
-    """
-    added, after = 0, ""
-    while True:
-        ids = [row[0] for row in conn.execute(
-            _sql("sessions_after"), {"after": after, "limit": batch_size}
-        ).fetchall()]
-        if not ids:
-            return added
-        with conn.transaction():
-            row = conn.execute(_sql("project"), {"ids": ids}).fetchone()
-        added += int(row[0]) if row is not None else 0
-        after = ids[-1]
+def drifted(
+    conn: psycopg.Connection[Any], projection: Projection, session_ids: Sequence[str]
+) -> dict[str, Drift]:
+    """The sessions whose chat store array differs from the truth, with both sides."""
+    projected = _sql("projected", table=projection.identifier,
+                     key_prefix=sql.Literal(projection.key_prefix))
+    where = f"{projection.schema}.{projection.table}"
+    return drift(conn, where, _sql("render"), projected, session_ids)
 
 
 def check(
     conn: psycopg.Connection[Any], projection: Projection, session_ids: Sequence[str]
 ) -> dict[str, str]:
-    """Sessions whose chat store array differs from the truth, with what differs.
-
-    A session whose truth has a missing seq shows its later messages as not projected
-    yet: they wait for the gap to be filled.
-    """
-    problems: dict[str, str] = {}
-    for sid in session_ids:
-        want = [r[0] for r in conn.execute(_sql("expected_messages"), {"session_id": sid})]
-        have = [r[0] for r in conn.execute(
-            _sql("projected_messages", table=projection.identifier),
-            {"key": projection.key(sid)},
-        )]
-        if want == have:
-            continue
-        first = next((i for i, (w, h) in enumerate(zip(want, have, strict=False)) if w != h),
-                     min(len(want), len(have)))
-        problems[sid] = (
-            f"{projection.schema}.{projection.table} holds {len(have)} messages, the truth "
-            f"{len(want)}; they differ from position {first} on"
-        )
-    return problems
+    """Sessions whose chat store array differs from the truth, with what differs."""
+    return {sid: d.describe() for sid, d in drifted(conn, projection, session_ids).items()}

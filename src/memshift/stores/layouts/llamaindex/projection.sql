@@ -3,13 +3,6 @@
 -- Names in braces ({table}, {index}, {unique}, {element}, {key_prefix}) are filled in
 -- with psycopg.sql (Identifier, SQL, Literal); values are parameters. See projection.py.
 
--- name: lock
--- One installer at a time.
-SELECT pg_advisory_xact_lock(hashtext('memshift.llamaindex_projection'));
-
--- name: current_schema
-SELECT current_schema();
-
 -- name: create_projection_record
 -- Which table the projection writes (one per database), with which key prefix, and
 -- whether its messages are json or jsonb.
@@ -133,58 +126,19 @@ BEGIN
 END
 $fn$;
 
--- name: trigger_function
-CREATE OR REPLACE FUNCTION memshift.llamaindex_project_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF EXISTS (SELECT 1 FROM inserted) THEN
-        PERFORM memshift.llamaindex_project(
-            ARRAY(SELECT DISTINCT session_id FROM inserted ORDER BY 1));
-    END IF;
-    RETURN NULL;
-END
-$fn$;
-
--- name: drop_trigger
-DROP TRIGGER IF EXISTS llamaindex_projection ON memshift.messages;
-
--- name: create_trigger
--- Every path that adds truth messages (live writes, backfill merges, repair) inserts
--- into memshift.messages: all of them project, in their own transaction.
-CREATE TRIGGER llamaindex_projection AFTER INSERT ON memshift.messages
-    REFERENCING NEW TABLE AS inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION memshift.llamaindex_project_inserted();
-
 -- name: record_install
 INSERT INTO memshift.llamaindex_projection (table_schema, table_name, key_prefix, element)
 VALUES (%(schema)s, %(table)s, %(key_prefix)s, %(element)s)
 ON CONFLICT (singleton) DO NOTHING;
 
--- name: drop_functions
-DROP FUNCTION IF EXISTS memshift.llamaindex_project_inserted(),
-    memshift.llamaindex_project(text[]);
+-- name: render
+-- One truth message m as the chat store's array holds it (projection/'s expected).
+memshift.llamaindex_message(m.role, m.content, m.tool_call_id, m.metadata)
 
--- name: forget_install
-DELETE FROM memshift.llamaindex_projection;
-
--- name: sessions_after
--- Sessions holding messages, in id order after %(after)s (the catch-up's pages).
-SELECT DISTINCT session_id FROM memshift.messages
- WHERE session_id > %(after)s ORDER BY session_id LIMIT %(limit)s;
-
--- name: project
-SELECT memshift.llamaindex_project(%(ids)s);
-
--- name: expected_messages
--- What the chat store should hold for one session: the truth's messages, from the
--- first projected seq on, as LlamaIndex objects.
-SELECT memshift.llamaindex_message(m.role, m.content, m.tool_call_id, m.metadata)
-  FROM memshift.messages m
- WHERE m.session_id = %(session_id)s
-   AND m.seq >= coalesce((SELECT s.messages_trimmed FROM memshift.sessions s
-                           WHERE s.session_id = %(session_id)s), 0)
- ORDER BY m.seq;
-
--- name: projected_messages
-SELECT v::jsonb FROM {table} c, unnest(c.value) WITH ORDINALITY AS u(v, n)
- WHERE c.key = %(key)s ORDER BY n;
+-- name: projected
+-- What the chat store holds for each session given, in array order.
+SELECT i.session_id,
+       ARRAY(SELECT v::jsonb FROM unnest(c.value) WITH ORDINALITY AS u(v, n) ORDER BY n)
+           AS messages
+  FROM unnest(%(ids)s::text[]) AS i(session_id)
+  JOIN {table} c ON c.key = {key_prefix} || i.session_id

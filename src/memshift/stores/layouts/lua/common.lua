@@ -302,3 +302,114 @@ local function save_session_fields(first)
   end
   return outcome
 end
+
+-- What an append_message script replies for a message at `seq` (-1: the next) in a
+-- transcript that holds seqs 0 to `length` - 1 (nothing trimmed): 'duplicate' or
+-- 'conflict' against the entry already at that seq (`stored_at(seq)`) or already
+-- holding the message's id (`find_id()`: its seq and entry, or nil), as
+-- `same(stored, at_seq)` judges; 'gap' beyond the next seq; else `push()` it and
+-- reply 'appended'.
+local function append_reply(seq, length, stored_at, same, find_id, push)
+  if seq >= 0 and seq < length then
+    local stored = stored_at(seq)
+    if same(stored, seq) then
+      return {'duplicate', seq, stored}
+    end
+    return {'conflict', seq, stored, 'content'}
+  end
+  if seq > length then
+    return {'gap', length}
+  end
+  local at_seq, stored = find_id()
+  if at_seq == nil then
+    push()
+    return {'appended', length}
+  end
+  if seq < 0 and same(stored, at_seq) then
+    return {'duplicate', at_seq, stored}
+  end
+  return {'conflict', at_seq, stored, 'id'}
+end
+
+-- append_message of a chat list: a framework's transcript in one LIST (KEYS[1]) from
+-- seq 0, each entry the framework's JSON of a message (langchain, llamaindex).
+-- ARGV: ttl_ms, entry JSON, seq (-1: assign the next), message id, id window.
+-- `list` says what differs between frameworks:
+--   newest_first  the framework LPUSHes (seq = LLEN - 1 - index), else it RPUSHes;
+--   legacy        the prefix of the id derived from the seq of an entry memshift did
+--                 not write ('lc-': lc-0, lc-1, ... as the layout's legacy_id does);
+--   calls_in      the member of an entry whose tool_call_id member is the message's
+--                 tool call;
+--   same_content  whether decoded entry `old` holds the same message as the new one
+--                 `new`, role and content (as Message.same_content sees them).
+local function append_to_chat_list(list)
+  local raw, seq, id, window = ARGV[2], tonumber(ARGV[3]), ARGV[4], tonumber(ARGV[5])
+  local length = redis.call('LLEN', KEYS[1])
+  local new = cjson.decode(raw)
+
+  local function index_of(at_seq)
+    return list.newest_first and length - 1 - at_seq or at_seq
+  end
+
+  -- The memshift id of an entry at a seq: its own when memshift wrote it, else the
+  -- legacy one derived from its place.
+  local function id_of(entry, at_seq)
+    local own = plain(entry.memshift)
+    if type(own) == 'table' and type(own.id) == 'string' then
+      return own.id
+    end
+    return string.format('%s%d', list.legacy, at_seq)
+  end
+
+  local function tool_call_id(entry)
+    local member = plain(entry[list.calls_in])
+    local call = type(member) == 'table' and plain(member.tool_call_id) or nil
+    if type(call) == 'string' and call ~= '' then
+      return call
+    end
+    return nil
+  end
+
+  -- Same message as Message.same_content sees it: id, role, content, tool call.
+  local function same(stored, at_seq)
+    local old = decode_json(stored)
+    return old ~= nil and id_of(old, at_seq) == id and list.same_content(old, new)
+      and tool_call_id(old) == tool_call_id(new)
+  end
+
+  -- The seq of the message with this id among the latest `window` messages, if any.
+  -- An id of printable ASCII without quotes, backslashes or slashes appears verbatim
+  -- in the JSON of an entry that carries it, so the raw text is searched before
+  -- decoding; a legacy id is derived, never written, so it is not.
+  local verbatim = not string.find(id, '[^\32-\126]') and not string.find(id, '["\\/]')
+    and string.sub(id, 1, #list.legacy) ~= list.legacy
+  local function find_id()
+    local oldest = math.max(length - window, 0)
+    local items
+    if list.newest_first then
+      items = redis.call('LRANGE', KEYS[1], 0, length - 1 - oldest)
+    else
+      items = redis.call('LRANGE', KEYS[1], oldest, -1)
+    end
+    for at_seq = length - 1, oldest, -1 do
+      local stored = items[list.newest_first and length - at_seq or at_seq - oldest + 1]
+      if not verbatim or string.find(stored, id, 1, true) then
+        local old = decode_json(stored)
+        if old and id_of(old, at_seq) == id then
+          return at_seq, stored
+        end
+      end
+    end
+    return nil
+  end
+
+  local function push()
+    redis.call(list.newest_first and 'LPUSH' or 'RPUSH', KEYS[1], raw)
+  end
+
+  local reply = append_reply(seq, length, function(at_seq)
+    return redis.call('LINDEX', KEYS[1], index_of(at_seq))
+  end, same, find_id, push)
+  refresh_ttl(ARGV[1])
+  return reply
+end

@@ -32,6 +32,7 @@ shift the seqs: do not use them on sessions being migrated.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from memshift.stores.layouts.framework import (
 )
 from memshift.stores.layouts.openai_agents import projection
 from memshift.stores.layouts.openai_agents.items import fields_from_item, item_id, to_json
+from memshift.stores.layouts.projection import Drift
 
 __all__ = ["DEFAULT_KEY_PREFIX", "OpenAIAgentsLayout"]
 
@@ -76,6 +78,12 @@ class OpenAIAgentsLayout(FrameworkLayout):
         """Install the SQLAlchemySession projection (into ``tables``) unless installed."""
         if projection.installed(conn) is None:
             projection.install(conn, self.tables)
+
+    def projection_drift(self, conn: psycopg.Connection[Any],
+                         session_ids: Sequence[str]) -> dict[str, Drift] | None:
+        """Sessions whose SDK rows differ from the truth (parity's projection check)."""
+        found = projection.installed(conn)
+        return None if found is None else projection.drifted(conn, found, session_ids)
 
     # -- keys -------------------------------------------------------------------------
 

@@ -22,22 +22,22 @@ import psycopg
 from psycopg import sql
 
 from memshift.stores.layouts.projection import (
+    Drift,
+    Framework,
     ProjectionError,
-    Statements,
     TableName,
-    catch_up,
     check_shape,
     columns,
-    difference,
+    drift,
     lock,
-    refuse_another,
+    refuse_foreign_rows,
     schema_of,
 )
 
-__all__ = ["DEFAULT_TABLES", "ProjectionError", "Tables", "check", "install", "installed",
-           "uninstall"]
+__all__ = ["DEFAULT_TABLES", "ProjectionError", "Tables", "check", "drifted", "install",
+           "installed", "uninstall"]
 
-_SQL = Statements("memshift.stores.layouts.openai_agents")
+_SQL = Framework("openai-agents")
 _NAME = re.compile(r"\w+", re.ASCII)
 _SESSIONS_SHAPE = {
     "session_id": "character varying",
@@ -66,10 +66,7 @@ DEFAULT_TABLES = Tables()
 
 def installed(conn: psycopg.Connection[Any]) -> Tables | None:
     """The installed projection's tables, or None."""
-    row = conn.execute("SELECT to_regclass('memshift.openai_agents_projection')").fetchone()
-    if row is None or row[0] is None:
-        return None
-    found = conn.execute(_SQL("installed")).fetchone()
+    found = _SQL.installed_row(conn)
     return None if found is None else Tables(found[1], found[2], found[0])
 
 
@@ -84,7 +81,7 @@ def install(conn: psycopg.Connection[Any], tables: Tables = DEFAULT_TABLES) -> T
             raise ProjectionError(f"table name {name!r}: use letters, digits and '_' only")
     with conn.transaction():
         lock(conn)
-        refuse_another(conn, "openai-agents")
+        _SQL.refuse_another(conn)
         schema = schema_of(conn, tables.schema)
         wanted = Tables(tables.sessions, tables.messages, schema)
         conn.execute(_SQL("create_projection_record"))
@@ -100,12 +97,12 @@ def install(conn: psycopg.Connection[Any], tables: Tables = DEFAULT_TABLES) -> T
         _create_tables(conn, wanted, names, fresh=existing is None)
         zone = conn.execute(_SQL("database_zone")).fetchone()
         assert zone is not None
-        for name in ("item_function", "project_function", "trigger_function",
-                     "drop_trigger", "create_trigger"):
+        for name in ("item_function", "project_function"):
             conn.execute(_SQL(name, zone=sql.Literal(zone[0]), **names))
+        _SQL.install_trigger(conn)
         conn.execute(_SQL("record_install"), {"schema": schema, "sessions": tables.sessions,
                                               "messages": tables.messages})
-    catch_up(conn, _SQL("project"))
+    _SQL.catch_up(conn)
     return wanted
 
 
@@ -132,35 +129,24 @@ def _create_tables(conn: psycopg.Connection[Any], tables: Tables,
             conn.execute(_SQL(create, **names))
     conn.execute(_SQL("create_messages_index", **names))
     if fresh:
-        row = conn.execute(_SQL("foreign_rows", **names)).fetchone()
-        if row is not None and row[0]:
-            raise ProjectionError(
-                f"table {tables.schema}.{tables.messages} already holds {row[0]} rows that "
-                "memshift did not write; memshift projects the truth into tables of its "
-                "own: name other tables, or empty these if their rows are also in Redis"
-            )
+        refuse_foreign_rows(conn, _SQL("foreign_rows", **names),
+                            f"{tables.schema}.{tables.messages}")
 
 
 def uninstall(conn: psycopg.Connection[Any]) -> None:
     """Stop projecting (the trigger and its functions go); the tables and rows stay."""
-    with conn.transaction():
-        lock(conn)
-        if installed(conn) is None:
-            return
-        conn.execute(_SQL("drop_trigger"))
-        conn.execute(_SQL("drop_functions"))
-        conn.execute(_SQL("forget_install"))
+    _SQL.uninstall(conn)
+
+
+def drifted(conn: psycopg.Connection[Any], tables: Tables, session_ids: Sequence[str]
+            ) -> dict[str, Drift]:
+    """The sessions whose SDK rows differ from the truth, with both sides."""
+    projected = _SQL("projected", **_identifiers(tables))
+    return drift(conn, f"{tables.schema}.{tables.messages}", _SQL("render"), projected,
+                 session_ids)
 
 
 def check(conn: psycopg.Connection[Any], tables: Tables, session_ids: Sequence[str]
           ) -> dict[str, str]:
     """Sessions whose SDK rows differ from the truth, with what differs."""
-    names = _identifiers(tables)
-    problems: dict[str, str] = {}
-    for sid in session_ids:
-        want = [r[0] for r in conn.execute(_SQL("expected_items"), {"session_id": sid})]
-        have = [r[0] for r in conn.execute(_SQL("projected_items", **names),
-                                           {"session_id": sid})]
-        if want != have:
-            problems[sid] = difference(f"{tables.schema}.{tables.messages}", want, have)
-    return problems
+    return {sid: d.describe() for sid, d in drifted(conn, tables, session_ids).items()}

@@ -139,51 +139,18 @@ BEGIN
 END
 $fn$;
 
--- name: trigger_function
-CREATE OR REPLACE FUNCTION memshift.openai_agents_project_inserted() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-    PERFORM memshift.openai_agents_project(ARRAY(SELECT DISTINCT session_id FROM inserted));
-    RETURN NULL;
-END
-$fn$;
-
--- name: drop_trigger
-DROP TRIGGER IF EXISTS openai_agents_projection ON memshift.messages;
-
--- name: create_trigger
--- Every path that adds truth messages (live writes, backfill merges, repair) inserts
--- into memshift.messages: all of them project, in their own transaction.
-CREATE TRIGGER openai_agents_projection AFTER INSERT ON memshift.messages
-    REFERENCING NEW TABLE AS inserted
-    FOR EACH STATEMENT EXECUTE FUNCTION memshift.openai_agents_project_inserted();
-
 -- name: record_install
 INSERT INTO memshift.openai_agents_projection
     (table_schema, sessions_table, messages_table)
 VALUES (%(schema)s, %(sessions)s, %(messages)s)
 ON CONFLICT (singleton) DO NOTHING;
 
--- name: drop_functions
-DROP FUNCTION IF EXISTS memshift.openai_agents_project_inserted(),
-    memshift.openai_agents_project(text[]);
+-- name: render
+-- One truth message m as the SDK's messages table holds it (projection/'s expected).
+memshift.openai_agents_item(m.role, m.content, m.metadata)
 
--- name: forget_install
-DELETE FROM memshift.openai_agents_projection;
-
--- name: project
-SELECT memshift.openai_agents_project(%(ids)s);
-
--- name: expected_items
--- What the SDK's messages table should hold for one session: the truth's messages,
--- from the first projected seq on, as items.
-SELECT memshift.openai_agents_item(m.role, m.content, m.metadata)
-  FROM memshift.messages m
- WHERE m.session_id = %(session_id)s
-   AND m.seq >= coalesce((SELECT s.messages_trimmed FROM memshift.sessions s
-                           WHERE s.session_id = %(session_id)s), 0)
- ORDER BY m.seq;
-
--- name: projected_items
-SELECT message_data::jsonb FROM {messages} WHERE session_id = %(session_id)s
- ORDER BY created_at, id;
+-- name: projected
+-- What the SDK's messages table holds for each session given, in the order
+-- SQLAlchemySession reads it.
+SELECT session_id, array_agg(message_data::jsonb ORDER BY created_at, id) AS messages
+  FROM {messages} WHERE session_id = ANY(%(ids)s) GROUP BY session_id

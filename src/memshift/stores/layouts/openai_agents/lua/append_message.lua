@@ -39,23 +39,23 @@ local function same(stored)
     and deep_equal(text_of(old), text_of(new)) and call_of(old) == call_of(new)
 end
 
-local reply
-if seq >= 0 and seq < length then
-  local stored = redis.call('LINDEX', KEYS[2], seq)
-  if same(stored) then
-    reply = {'duplicate', seq, stored}
-  else
-    reply = {'conflict', seq, stored, 'content'}
-  end
-elseif seq > length then
-  reply = {'gap', length}
-else
+local function stored_at(at_seq)
+  return redis.call('LINDEX', KEYS[2], at_seq)
+end
+
+-- Items carry no id, so none is looked for: the seq alone places an item.
+local function find_id()
+  return nil
+end
+
+local function push()
   redis.call('RPUSH', KEYS[2], raw)
   local now = redis.call('TIME')[1]
   redis.call('HSET', KEYS[1], 'session_id', session_id)
   redis.call('HSETNX', KEYS[1], 'created_at', now)
   redis.call('HSET', KEYS[1], 'updated_at', now)
-  reply = {'appended', length}
 end
+
+local reply = append_reply(seq, length, stored_at, same, find_id, push)
 refresh_ttl(ARGV[1])
 return reply
