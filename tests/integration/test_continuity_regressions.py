@@ -14,7 +14,14 @@ from redis.retry import Retry
 from memshift.config import Settings
 from memshift.errors import StoreUnavailable
 from memshift.faults.proxy import FaultProxy
-from memshift.migrate.plan import IllegalMove, Stage, StaticPlan, rollback, set_stage
+from memshift.migrate.plan import (
+    IllegalMove,
+    Stage,
+    StaticPlan,
+    check_gates,
+    rollback,
+    set_stage,
+)
 from memshift.migrate.repair import repair
 from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
@@ -55,6 +62,16 @@ def healed(proxy: FaultProxy, store: RedisStore) -> None:
     store.client.connection_pool.disconnect()  # drop the connections the cut killed
 
 
+def m1_misses_redis(store: MigratingStore, proxy: FaultProxy, legacy: RedisStore) -> None:
+    """Session s1, written with Redis as the secondary: m0, then m1, whose copy to Redis
+    fails (queued for repair)."""
+    store.save_session(session("s1"))
+    store.append_message("s1", message(0))
+    cut_during(proxy, legacy)
+    store.append_message("s1", message(1))
+    healed(proxy, legacy)
+
+
 def test_a_router_first_used_while_postgres_is_down_writes_postgres_once_it_is_back(
     pg_dsn: str, redis_url: str, redis_prefix: str, pg_proxy: FaultProxy, tmp_path: Path
 ) -> None:
@@ -90,11 +107,7 @@ def test_a_message_appended_after_a_rollback_from_pg_primary_keeps_its_seq_and_i
     source = StaticPlan(plan_at("pg_primary"))
     with PostgresStore(pg_dsn) as truth:
         store = MigratingStore(legacy, truth, source, spool_path=tmp_path / "spool")
-        store.save_session(session("s1"))
-        store.append_message("s1", message(0))
-        cut_during(redis_proxy, legacy)
-        store.append_message("s1", message(1))  # Redis's copy is queued for repair
-        healed(redis_proxy, legacy)
+        m1_misses_redis(store, redis_proxy, legacy)
         source.plan = plan_at("shadow")  # `memshift rollback`
 
         stored = store.append_message("s1", message(2))
@@ -213,11 +226,7 @@ def test_a_router_whose_plan_went_stale_at_cutover_reads_what_pg_primary_wrote(
                            spool_path=tmp_path / "a.spool")
         b = MigratingStore(other, truth, StaticPlan(plan_at("cutover"), fresh=False),
                            spool_path=tmp_path / "b.spool")
-        a.save_session(session("s1"))
-        a.append_message("s1", message(0))
-        cut_during(redis_proxy, legacy)
-        a.append_message("s1", message(1))  # Redis's copy is queued for repair
-        healed(redis_proxy, legacy)
+        m1_misses_redis(a, redis_proxy, legacy)
 
         read = b.read("s1")
 
@@ -235,3 +244,73 @@ END $$;
 CREATE TRIGGER refuse_c1 BEFORE INSERT ON memshift.checkpoints
     FOR EACH ROW EXECUTE FUNCTION public.refuse_c1();
 """
+
+
+def test_a_cutover_read_whose_postgres_is_unreachable_does_not_fall_back_to_a_redis_awaiting_repair(
+    pg_dsn: str, redis_url: str, redis_prefix: str, pg_proxy: FaultProxy,
+    redis_proxy: FaultProxy, tmp_path: Path,
+) -> None:
+    # The story: in pg_primary a message's copy to Redis fails (queued for repair); the
+    # operator moves back to cutover, whose slice reads PostgreSQL; then this router
+    # cannot reach PostgreSQL for a read. It fell back to Redis, the Plan's primary,
+    # which lacked the message. Now the read fails: continuity holds.
+    legacy = behind_proxy(redis_proxy, redis_url, redis_prefix)
+    source = StaticPlan(plan_at("pg_primary"))
+    with PostgresStore(pg_proxy.dsn_for(pg_dsn), timeout=0.5) as truth:
+        store = MigratingStore(legacy, truth, source, spool_path=tmp_path / "spool")
+        m1_misses_redis(store, redis_proxy, legacy)
+        source.plan = plan_at("cutover", resume=100)  # `memshift stage set cutover`
+        served = store.read("s1", "resume")
+
+        pg_proxy.refuse()
+        pg_proxy.cut()
+        with pytest.raises(StoreUnavailable, match="'s1' cannot be read: postgres could not"):
+            store.read("s1", "resume")
+        pg_proxy.heal()
+
+    assert (served.source, served.reason) == ("postgres", "slice")
+    assert served.state is not None
+    assert [m.message_id for m in served.state.messages] == ["m0", "m1"]
+
+
+def test_a_cutover_read_whose_postgres_is_unreachable_falls_back_to_a_redis_holding_every_write(
+    pg_dsn: str, redis_url: str, redis_prefix: str, pg_proxy: FaultProxy, tmp_path: Path,
+) -> None:
+    # The other side of the story above: with no repair queued for Redis, Redis holds
+    # every acknowledged write of the session, and serves the read.
+    with PostgresStore(pg_proxy.dsn_for(pg_dsn), timeout=0.5) as truth:
+        store = MigratingStore(RedisStore(redis_url, prefix=redis_prefix), truth,
+                               StaticPlan(plan_at("cutover", resume=100)),
+                               spool_path=tmp_path / "spool")
+        store.save_session(session("s1"))
+        store.append_message("s1", message(0))
+        pg_proxy.refuse()
+        pg_proxy.cut()
+        read = store.read("s1", "resume")
+        pg_proxy.heal()
+
+    assert (read.source, read.reason) == ("redis", "secondary_unavailable")
+    assert read.state is not None and [m.message_id for m in read.state.messages] == ["m0"]
+
+
+def test_after_a_move_back_to_redis_only_the_backfill_gate_wants_a_new_backfill(
+    pg_dsn: str,
+) -> None:
+    # The story (from the deep profile): a backfill completed in dual_write; the
+    # operator moved back to redis_only, where a new session was written to Redis
+    # alone; then forward again, through the backfill gate, which the old run still
+    # passed, as far as pg_primary: PostgreSQL lacked the session's record.
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        set_stage(conn, "dual_write", "start")
+        complete_a_backfill(conn)
+        before = check_gates(conn, Stage.SHADOW)
+        set_stage(conn, "redis_only", "back")
+        set_stage(conn, "dual_write", "again")
+        after_the_move_back = check_gates(conn, Stage.SHADOW)
+        complete_a_backfill(conn)
+        after_a_new_run = check_gates(conn, Stage.SHADOW)
+
+    assert [g.passed for g in before] == [True]
+    assert [g.passed for g in after_the_move_back] == [False]
+    assert "move back to redis_only" in after_the_move_back[0].detail
+    assert [g.passed for g in after_a_new_run] == [True]

@@ -19,6 +19,7 @@ from memshift.model import Message
 from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
+from memshift.stores.routing import ReadResult
 
 Mutant = Callable[[pytest.MonkeyPatch], None]
 
@@ -59,6 +60,20 @@ def no_drain_gate(monkeypatch: pytest.MonkeyPatch) -> None:
     for stage, checks in list(plan.GATES.items()):
         kept = tuple(c for c in checks if c.__name__ != "_repair_queue_empty")
         monkeypatch.setitem(plan.GATES, stage, kept)
+
+
+def unguarded_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read whose chosen store cannot be reached falls back to the other store even
+    when repairs are queued for it there (as before this was fixed)."""
+
+    def fall_back(self: MigratingStore, plan: Any, session_id: str, read_path: str,
+                  chosen: Any, failed: Exception) -> ReadResult:
+        other = "postgres" if chosen == "redis" else "redis"
+        state = self._load(other, session_id)
+        return self._served(plan, session_id, read_path,
+                            ReadResult(state, other, "secondary_unavailable"))
+
+    monkeypatch.setattr(MigratingStore, "_fall_back", fall_back)
 
 
 def no_staleness_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,8 +147,8 @@ def no_attempts_guard(monkeypatch: pytest.MonkeyPatch) -> None:
 MUTANTS: dict[str, Mutant] = {
     m.__name__: m
     for m in (no_repair_first_reads, no_repair_first_writes, no_drain_gate,
-              no_staleness_fallback, secondary_ignores_the_seq, no_summary_version_guard,
-              no_attempts_guard)
+              no_staleness_fallback, unguarded_fallback, secondary_ignores_the_seq,
+              no_summary_version_guard, no_attempts_guard)
 }
 
 

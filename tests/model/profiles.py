@@ -1,7 +1,7 @@
 """The continuity model's hypothesis profiles (registered when conftest imports this).
 
 - ``continuity-ci`` (the default for the model): derandomized, so every CI run plays
-  the same examples, sized to finish in about a minute on a loaded two-core machine.
+  the same examples, sized to finish in about two minutes on a loaded two-core machine.
 - ``deep`` (``pytest tests/model --hypothesis-profile=deep``): random, many more and
   longer examples, for nightly runs; a failure is saved in hypothesis's example
   database and replayed first the next time.

@@ -5,7 +5,8 @@
   trigger in PostgreSQL; ``reset()`` empties both between examples.
 - ``Faults``: makes the secondary write of one call fail, as it fails in production:
   PostgreSQL raises an error (the repair queue, in the same PostgreSQL, still works),
-  or the store cannot be reached at all (the connection is refused and cut).
+  or the store cannot be reached at all (the connection is refused and cut);
+  ``unreachable()`` cuts one router's store for any block (a read, in the model).
 - ``CurrentPlan`` and ``LaggingPlan``: the Plan sources of the two routers. The first
   sees every change at once; the second holds the Plan it last loaded until the model
   refreshes it, and can go stale as a watcher cut off from PostgreSQL does.
@@ -29,6 +30,7 @@ from psycopg import sql
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from memshift.drills.runner import forget_prefix
 from memshift.faults.proxy import FaultProxy
 from memshift.migrate.plan import Plan, load_plan
 from memshift.stores.postgres import PostgresStore
@@ -129,12 +131,11 @@ class Services:
         self.examples += 1
         return f"{self.base_prefix}x{self.examples}"
 
-    def forget(self, prefix: str) -> None:
-        client = redis.Redis.from_url(self.redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    def empty_redis(self, prefix: str) -> None:
+        """Delete every key under ``prefix``: what a Redis restarted without persistence
+        holds of the model's sessions (and the end of an example). Never FLUSHALL: the
+        server is shared with other tests."""
+        forget_prefix(self.redis_url, prefix)
 
     # -- the stores each router uses: through its own proxies ---------------------------
 
@@ -175,16 +176,24 @@ class Faults:
                     "DELETE FROM model_faults.failing WHERE session_id = %s", [session_id])
             return
         # Unreachable (and a Redis that "fails": a dropped connection is how it fails).
-        proxy = self._services.proxies[(router, secondary)]
+        with self.unreachable(router, secondary, truth, legacy):
+            yield
+
+    @contextlib.contextmanager
+    def unreachable(
+        self, router: str, store: StoreName, truth: PostgresStore, legacy: RedisStore,
+    ) -> Iterator[None]:
+        """``store`` refuses and cuts router's connections for the block, then is back."""
+        proxy = self._services.proxies[(router, store)]
         proxy.refuse()
         proxy.cut()
         try:
             yield
         finally:
             proxy.heal()
-            if secondary == "postgres":
+            if store == "postgres":
                 # Drop the pooled connections the cut killed and wait for a good one:
-                # the fault lasts for this write only, not for the pool's reconnection.
+                # the fault lasts for this block only, not for the pool's reconnection.
                 truth.pool.check()
                 with truth.pool.connection(timeout=10) as conn:
                     conn.execute("SELECT 1")

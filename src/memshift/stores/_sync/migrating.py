@@ -16,6 +16,9 @@ Reads go where the Plan says, except that a session with repairs pending for tha
 store is read from the other one until they drain (it may lack acknowledged writes),
 and a router whose Plan is stale reads Redis while the stage is before pg_primary
 (unless Redis has repairs pending for the session: the stage may have moved on).
+When the store chosen for a read is not the primary and cannot be reached, the
+primary serves it, unless the primary has repairs pending for the session (or the
+queue cannot be asked): then the read fails, as an older state must not be shown.
 
 In the retired stage Redis is a cache-aside in front of PostgreSQL (``cache.py``):
 reads look there first; every write with PostgreSQL as the primary (pg_primary and
@@ -251,17 +254,14 @@ class MigratingStore:
             try:
                 with within(self._secondary_timeout):
                     state, pending = self._postgres.load_session_unless_repair(sid)
-            except StoreUnavailable:
+            except StoreUnavailable as failed:
                 metrics.record_op("postgres", "load_session", "error", started)
-                state, pending = None, True
-                reason = "secondary_unavailable"
+                return self._fall_back(plan, sid, read_path, source, failed)
             else:
                 metrics.record_op("postgres", "load_session", "ok", started)
             if not pending:
                 return self._served(plan, sid, read_path, ReadResult(state, source, reason))
-            source = primary
-            if reason != "secondary_unavailable":
-                reason = "repair_pending"
+            source, reason = primary, "repair_pending"
         elif self._repairs_pending(sid, source, primary):
             source, reason = _other(source), "repair_pending"
         elif plan.stage is Stage.RETIRED:
@@ -277,12 +277,35 @@ class MigratingStore:
             return self._served(plan, sid, read_path, ReadResult(cached.state, served, reason))
         try:
             state = self._load(source, sid)
-        except StoreUnavailable:
+        except StoreUnavailable as failed:
             if source == primary:
                 raise
-            source, reason = primary, "secondary_unavailable"
-            state = self._load(source, sid)
+            return self._fall_back(plan, sid, read_path, source, failed)
         return self._served(plan, sid, read_path, ReadResult(state, source, reason))
+
+    def _fall_back(
+        self, plan: Plan, session_id: str, read_path: str, chosen: StoreName,
+        failed: StoreUnavailable,
+    ) -> ReadResult:
+        """The store chosen for a read, not the primary, could not be reached: the other
+        one serves it only if it holds every acknowledged write of the session.
+
+        It may not: it may have missed writes that are queued for repair into it (after
+        a move back from pg_primary, Redis did). Then, or when the queue cannot be asked,
+        the read fails rather than show a state older than one already shown.
+        """
+        other = _other(chosen)  # the Plan's primary
+        if self._repairs_pending(session_id, other, other, unknown=True):
+            raise StoreUnavailable(
+                f"session {session_id!r} cannot be read: {chosen} could not be reached, and "
+                f"{other} may lack acknowledged writes of the session (a repair into {other} "
+                f"is queued, or the repair queue cannot be asked), so {other} does not serve "
+                f"the read in its place; retry once {chosen} is back or the repair has run "
+                f"(`memshift repair`). {failed}"
+            ) from failed
+        state = self._load(other, session_id)
+        return self._served(plan, session_id, read_path,
+                            ReadResult(state, other, "secondary_unavailable"))
 
     def _load(self, source: StoreName, session_id: str) -> SessionState | None:
         started = time.perf_counter()
