@@ -16,6 +16,7 @@ import pytest
 import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.types.json import Jsonb
 
 from memshift.config import Settings
 from memshift.errors import ConfigError
@@ -23,9 +24,10 @@ from memshift.faults.proxy import FaultProxy
 from memshift.migrate.backfill import BackfillOptions, backfill
 from memshift.migrate.parity import ParityReport, record
 from memshift.migrate.plan import StaticPlan, load_plan, rollback, set_slice, set_stage
-from memshift.migrate.rule import WATCHER, enforce_rule, set_rule
+from memshift.migrate.rule import WATCHER, enforce_rule, set_rule, slice_drift
 from memshift.model import now
 from memshift.observe import metrics
+from memshift.sql.queries import query
 from memshift.stores.migrating import MigratingStore
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
@@ -229,18 +231,27 @@ def test_a_backfill_with_a_malformed_session_shows_its_progress_and_the_quaranti
     assert value(samples, "memshift_backfill_batches_done_total", run_id=run) == batches
 
 
-def test_rollbacks_are_counted_by_who_made_them_and_drift_is_shown_per_slice(
-    conn: psycopg.Connection[Any], state: str
-) -> None:
+def cutover_with_half_of_resume(conn: psycopg.Connection[Any]) -> None:
     set_stage(conn, "dual_write", "go")
     set_stage(conn, "shadow", "go", force=True)
     set_stage(conn, "cutover", "go", force=True)
     set_slice(conn, "resume", 50, "half")
+
+
+def record_one_failed_one_passed(conn: psycopg.Connection[Any]) -> None:
+    """Two batch parity results (they count for every read path): one fails."""
+    record(conn, [ParityReport("s1", {"latest_checkpoint_matches": False}, "fail", (), now()),
+                  ParityReport("s2", {"latest_checkpoint_matches": True}, "pass", (), now())])
+
+
+def test_rollbacks_are_counted_by_who_made_them_and_drift_is_shown_per_slice(
+    conn: psycopg.Connection[Any], state: str
+) -> None:
+    cutover_with_half_of_resume(conn)
     set_slice(conn, "inspect", 10, "a tenth")
     rollback(conn, "a person saw something odd", read_path="inspect")
     set_slice(conn, "inspect", 10, "again")
-    record(conn, [ParityReport("s1", {"latest_checkpoint_matches": False}, "fail", (), now()),
-                  ParityReport("s2", {"latest_checkpoint_matches": True}, "pass", (), now())])
+    record_one_failed_one_passed(conn)
     judged = scrape()
     fired = enforce_rule(conn)
     after = scrape()
@@ -259,6 +270,30 @@ def test_rollbacks_are_counted_by_who_made_them_and_drift_is_shown_per_slice(
     assert value(after, "memshift_plan_version") == load_plan(conn).version
     assert value(after, "memshift_last_rollback_timestamp_seconds", by="rule") > 0
     assert WATCHER == metrics.RULE_WHO
+
+
+def test_the_drift_gauges_show_what_rule_show_shows_for_every_read_path(
+    conn: psycopg.Connection[Any], state: str
+) -> None:
+    cutover_with_half_of_resume(conn)
+    record_one_failed_one_passed(conn)
+    # A live compare of a read path with no slice: rule show lists it, so must the gauges.
+    conn.execute(query("parity_record_live"), {
+        "session_id": "s3", "status": "fail", "checks": Jsonb({"messages_match": False}),
+        "diffs": Jsonb([]), "checked_at": now(), "read_path": "inspect"})
+    samples = scrape()
+    shown = {d.read_path: d for d in slice_drift(conn)}  # what `memshift rule show` prints
+
+    assert set(shown) == {"resume", "inspect"}
+    for name in ("memshift_slice_judged_checks", "memshift_slice_failed_checks",
+                 "memshift_slice_drift_rate"):
+        assert {labels["read_path"] for labels, _ in samples[name]} == set(shown)
+    for path, drift in shown.items():
+        assert value(samples, "memshift_slice_judged_checks", read_path=path) == drift.judged
+        assert value(samples, "memshift_slice_failed_checks", read_path=path) == drift.failed
+        assert value(samples, "memshift_slice_drift_rate", read_path=path) == drift.drift_rate
+    assert (shown["inspect"].judged, shown["inspect"].failed) == (3, 2)  # batch ones count too
+    assert shown["resume"].drift_rate == 50
 
 
 def test_with_postgres_down_a_scrape_says_state_up_0_and_hides_the_password(

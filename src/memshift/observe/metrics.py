@@ -18,20 +18,29 @@ See docs/observability.md for the metric table and a Grafana dashboard.
 
 from __future__ import annotations
 
+import abc
+import bisect
 import ipaddress
+import itertools
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app
+from prometheus_client import CollectorRegistry, make_asgi_app
 from prometheus_client import start_http_server as _start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from memshift.errors import ConfigError
 from memshift.redact import redact
@@ -39,6 +48,7 @@ from memshift.sql.queries import query
 
 if TYPE_CHECKING:
     from memshift.migrate.plan import PlanSource
+    from memshift.migrate.rule import RollbackRule
 
 log = logging.getLogger("memshift.metrics")
 
@@ -51,86 +61,132 @@ REGISTRY = CollectorRegistry()
 _LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                     0.5, 1.0, 2.5, 5.0, 10.0)
 
-STORE_OPS = Counter(
+
+class _Instrument(Collector):
+    """A labelled counter or histogram moved with one lock and one dict look-up.
+
+    prometheus_client's own go through ``labels()`` and a chain of calls and locks per
+    count; the router counts (and times) every store call on its callers' path, so its
+    instruments keep plain numbers by label values and build the families at scrape.
+    """
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self._name, self._doc, self._labels = name, documentation, list(labels)
+        self._lock = threading.Lock()
+        REGISTRY.register(self)
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]  # the names, so that no other collector takes them
+
+    def collect(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    @abc.abstractmethod
+    def _family(self) -> Metric:
+        """The family with every sample counted so far."""
+
+
+class _Counter(_Instrument):
+    """Counts by label values (``_total`` at scrape)."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str]) -> None:
+        self._counts: dict[tuple[str, ...], int] = {}
+        super().__init__(name, documentation, labels)
+
+    def inc(self, *values: str) -> None:
+        """Count one, under these label values (in the order of the labels)."""
+        with self._lock:
+            self._counts[values] = self._counts.get(values, 0) + 1
+
+    def _family(self) -> Metric:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        with self._lock:
+            counts = list(self._counts.items())
+        for values, count in counts:
+            family.add_metric(values, count)
+        return family
+
+
+class _Histogram(_Instrument):
+    """Amounts counted in buckets by label values, with their sum (Prometheus' cumulative
+    ``_bucket``, ``_count`` and ``_sum`` at scrape)."""
+
+    def __init__(self, name: str, documentation: str, labels: Sequence[str],
+                 buckets: Sequence[float]) -> None:
+        self._bounds = tuple(buckets)
+        # Per label values: the count in each bucket (the last one +Inf), then the sum.
+        self._tallies: dict[tuple[str, ...], list[float]] = {}
+        super().__init__(name, documentation, labels)
+
+    def observe(self, amount: float, *values: str) -> None:
+        """Count ``amount`` in its bucket, under these label values."""
+        with self._lock:
+            tally = self._tallies.get(values)
+            if tally is None:
+                tally = self._tallies[values] = [0.0] * (len(self._bounds) + 2)
+            tally[bisect.bisect_left(self._bounds, amount)] += 1
+            tally[-1] += amount
+
+    def _family(self) -> Metric:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labels)
+        with self._lock:
+            tallies = [(values, list(tally)) for values, tally in self._tallies.items()]
+        bounds = [*map(floatToGoString, self._bounds), "+Inf"]
+        for values, tally in tallies:
+            family.add_metric(values, list(zip(bounds, itertools.accumulate(tally[:-1]),
+                                               strict=True)), tally[-1])
+        return family
+
+
+STORE_OPS = _Counter(
     "memshift_store_ops",
     "Store calls made by the router, by store, operation and result "
     "(ok | error for the primary and reads; ok | failed | skipped for the secondary).",
-    ["store", "op", "result"], registry=REGISTRY,
+    ["store", "op", "result"],
 )
-STORE_OP_SECONDS = Histogram(
+STORE_OP_SECONDS = _Histogram(
     "memshift_store_op_seconds", "Latency of the router's store calls, by store and operation.",
-    ["store", "op"], buckets=_LATENCY_BUCKETS, registry=REGISTRY,
+    ["store", "op"], _LATENCY_BUCKETS,
 )
-READS = Counter(
+READS = _Counter(
     "memshift_reads",
     "Session reads through the router by read path, the source that served them "
     "(redis | postgres | cache) and why (stage | slice | stale_plan | repair_pending | "
     "secondary_unavailable).",
-    ["path", "source", "reason"], registry=REGISTRY,
+    ["path", "source", "reason"],
 )
-SHADOW_COMPARES = Counter(
+SHADOW_COMPARES = _Counter(
     "memshift_shadow_compares",
     "Live shadow compares by outcome: sampled, dropped (queue full), the recorded "
     "parity status (pass | fail | pending | error), or failed (could not be recorded).",
-    ["outcome"], registry=REGISTRY,
+    ["outcome"],
 )
-REPAIR_ENQUEUES = Counter(
+REPAIR_ENQUEUES = _Counter(
     "memshift_repair_enqueues",
     "Failed secondary writes queued for repair, by target store and where they went "
     "(queue | spool | lost: neither could take it).",
-    ["target", "via"], registry=REGISTRY,
+    ["target", "via"],
 )
-
-
-class _Children:
-    """Labelled children cached by label values: ``labels()`` costs a lock and a
-    dict lookup per call, which the router's hot path need not pay again."""
-
-    def __init__(self) -> None:
-        self._ops: dict[tuple[str, str, str], Any] = {}
-        self._latency: dict[tuple[str, str], Any] = {}
-        self._reads: dict[tuple[str, str, str], Any] = {}
-
-    def op(self, store: str, op: str, result: str, seconds: float | None) -> None:
-        key = (store, op, result)
-        child = self._ops.get(key)
-        if child is None:
-            child = self._ops[key] = STORE_OPS.labels(store, op, result)
-        child.inc()
-        if seconds is not None:
-            timing = self._latency.get((store, op))
-            if timing is None:
-                timing = self._latency[(store, op)] = STORE_OP_SECONDS.labels(store, op)
-            timing.observe(seconds)
-
-    def read(self, path: str, source: str, reason: str) -> None:
-        key = (path, source, reason)
-        child = self._reads.get(key)
-        if child is None:
-            child = self._reads[key] = READS.labels(path, source, reason)
-        child.inc()
-
-
-_children = _Children()
 
 
 def record_op(store: str, op: str, result: str, started: float | None = None) -> None:
     """Count one store call; with ``started`` (a ``time.perf_counter()``), time it too."""
-    _children.op(store, op, result,
-                 None if started is None else time.perf_counter() - started)
+    STORE_OPS.inc(store, op, result)
+    if started is not None:
+        STORE_OP_SECONDS.observe(time.perf_counter() - started, store, op)
 
 
 def record_read(path: str, source: str, reason: str) -> None:
     """Count one routed read: its read path, what served it and why."""
-    _children.read(path, source, reason)
+    READS.inc(path, source, reason)
 
 
 def record_shadow(outcome: str) -> None:
-    SHADOW_COMPARES.labels(outcome).inc()
+    SHADOW_COMPARES.inc(outcome)
 
 
 def record_repair_enqueue(target: str, via: str) -> None:
-    REPAIR_ENQUEUES.labels(target, via).inc()
+    REPAIR_ENQUEUES.inc(target, via)
 
 
 # -- the Plan this process holds --------------------------------------------------------
@@ -299,54 +355,51 @@ def _plan(conn: psycopg.Connection[Any]) -> Iterator[Metric]:
         for gate in check_gates(conn, following):
             gates.add_metric([str(following), gate.name], float(gate.passed))
     yield gates
-    yield from _drift(conn, plan.slices, RollbackRule.of(plan))
+    yield from _drift(conn, RollbackRule.of(plan))
 
 
-def _drift(conn: psycopg.Connection[Any], slices: dict[str, Any], rule: Any) -> Iterator[Metric]:
-    """Per slice, the evidence the rollback rule judges: the same queries as rule.py."""
+def _drift(conn: psycopg.Connection[Any], rule: RollbackRule) -> Iterator[Metric]:
+    """Each read path's evidence the rollback rule judges, from :func:`slice_drift`:
+    the very figures `memshift rule show` prints, for the same read paths."""
+    from memshift.migrate.rule import slice_drift
+
     judged = _gauge("memshift_slice_judged_checks",
-                    "Judged parity results counting for each slice since it last changed "
-                    "(at most the rule's window).", ["read_path"])
+                    "Judged parity results counting for each read path (a slice's, or one "
+                    "compared live) since its slice or the stage last changed (at most the "
+                    "rule's window).", ["read_path"])
     failed = _gauge("memshift_slice_failed_checks",
                     "Failed parity results among them.", ["read_path"])
     drift = _gauge("memshift_slice_drift_rate",
-                   "Failed share (%) of the judged results of each slice since it last changed.",
-                   ["read_path"])
+                   "Failed share (%) of the judged results of each read path since its "
+                   "slice or the stage last changed.", ["read_path"])
     threshold = _gauge("memshift_rollback_rule_drift_threshold",
                        "The rollback rule's drift rate (%) of its window above which it fires.")
     window = _gauge("memshift_rollback_rule_window", "The rollback rule's window (results).")
     threshold.add_metric([], float(rule.drift_rate))
     window.add_metric([], float(rule.window))
-    for path in sorted(slices):
-        row = conn.execute(query("rule_slice_changed_at"), {"read_path": path}).fetchone()
-        since = row[0] if row else None
-        counts = conn.execute(query("rule_window"), {
-            "read_path": path, "window": rule.window, "critical": list(rule.critical),
-            "since": since,
-        }).fetchone()
-        n, bad = (counts[0], counts[1]) if counts else (0, 0)
-        judged.add_metric([path], float(n))
-        failed.add_metric([path], float(bad))
-        drift.add_metric([path], 100.0 * bad / n if n else 0.0)
+    for path in slice_drift(conn):
+        judged.add_metric([path.read_path], float(path.judged))
+        failed.add_metric([path.read_path], float(path.failed))
+        drift.add_metric([path.read_path], path.drift_rate)
     yield from (judged, failed, drift, threshold, window)
 
 
 def _parity(conn: psycopg.Connection[Any]) -> Iterator[Metric]:
-    from memshift.migrate.plan import PARITY_MIN_PASS_RATE, PARITY_WINDOW
+    from memshift.migrate.plan import PARITY_MIN_PASS_RATE
 
     statuses = ("pass", "fail", "pending", "error")
-    latest = dict(conn.execute(query("metrics_parity_latest"),
-                               {"window": PARITY_WINDOW}).fetchall())
+    latest = dict(conn.execute(query("metrics_parity_latest")).fetchall())
     window = _gauge("memshift_parity_window_checks",
-                    f"Parity results by status among the latest {PARITY_WINDOW} "
-                    "(the window the stage gates read).", ["status"])
+                    "Sessions by the status of their latest parity result, among those the "
+                    "stage gates read (since the last move back to redis_only).", ["status"])
     for status in statuses:
         window.add_metric([status], float(latest.get(status, 0)))
-    judged = sum(n for s, n in latest.items() if s != "pending")
+    gate = conn.execute(query("gate_parity")).fetchone()
     rate = _gauge("memshift_parity_pass_rate",
-                  "Pass rate (%) of the judged results in that window; absent with none.")
-    if judged:
-        rate.add_metric([], 100.0 * latest.get("pass", 0) / judged)
+                  "The parity gate's figure: the share (%) of sessions whose latest judged "
+                  "result passes; absent with none.")
+    if gate and gate[0]:
+        rate.add_metric([], 100.0 * gate[1] / gate[0])
     need = _gauge("memshift_parity_gate_pass_rate", "The pass rate (%) the stage gates need.")
     need.add_metric([], PARITY_MIN_PASS_RATE)
     recent = dict(conn.execute(query("metrics_parity_recent"),

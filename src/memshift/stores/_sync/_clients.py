@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
+import math
+import os
 import queue
 import threading
 import time
@@ -125,78 +128,98 @@ class Alarm:
     the loop). ``ring`` runs under the watchdog's lock, which ``disarm()`` takes too:
     once ``disarm()`` has returned, ``ring`` has either run (``rang``) or never will.
     ``ring`` must not raise, and must be quick (it holds back every other alarm).
+    Arming costs an append and a comparison: one is armed for every PostgreSQL
+    statement, and almost all are disarmed long before they are due.
     """
+
+    __slots__ = ("rang", "ring", "when")
 
     def __init__(self, seconds: float, ring: Callable[[], None]) -> None:
         self.rang = False
-        self.disarmed = False
-        self._ring: Callable[[], None] | None = ring
-        _WATCHDOG.arm(time.monotonic() + seconds, self)
+        self.when = time.monotonic() + seconds
+        # What it rings; None once disarmed or rung (a connection is not kept alive).
+        self.ring: Callable[[], None] | None = ring
+        _WATCHDOG.arm(self)
 
     def go(self) -> None:
         """Ring, unless disarmed (the watchdog calls it with its lock held)."""
-        if not self.disarmed and self._ring is not None:
+        ring, self.ring = self.ring, None
+        if ring is not None:
             self.rang = True
-            self._ring()
+            ring()
 
     def disarm(self) -> None:
-        _WATCHDOG.disarm(self)
-        self._ring = None  # what it would have rung (a connection) is not kept alive
+        with _WATCHDOG.lock:
+            self.ring = None
 
 
 class _Watchdog:
     """One daemon thread that rings the alarms whose time has come, earliest first.
 
-    Disarmed alarms stay in the heap until they reach its head, or until they are
-    most of it (then the heap is rebuilt): arming and disarming cost a lock and a
-    heap push, never a thread or a wake-up of this one unless the alarm is the
-    earliest.
+    Arming appends the alarm to ``armed`` without a lock, and wakes the thread only
+    when the alarm is due before the time it sleeps toward, or when ``armed`` grows
+    long. Deadlines mostly grow (every statement's is later than the last one's), so
+    the thread wakes about once per timeout, not once per statement: it then moves the
+    alarms still armed into its heap and drops the others (most of them), off the
+    callers' path.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Condition()
+        self._reset()
+
+    def _reset(self) -> None:
+        """A fresh watchdog: at start, and in a forked child (its thread is gone)."""
+        self.lock = threading.Lock()
+        self._wake = threading.Condition(self.lock)
+        self.armed: collections.deque[Alarm] = collections.deque()
         self._heap: list[tuple[float, int, Alarm]] = []
         self._order = itertools.count()
-        self._disarmed = 0
+        # When the thread wakes next (inf: only when woken); -inf while it is awake,
+        # as it looks at ``armed`` again before it sleeps.
+        self._sleeps_until = math.inf
         self._thread: threading.Thread | None = None
 
-    def arm(self, when: float, alarm: Alarm) -> None:
-        with self._lock:
-            heapq.heappush(self._heap, (when, next(self._order), alarm))
-            if self._thread is None or not self._thread.is_alive():  # first, or forked
+    def arm(self, alarm: Alarm) -> None:
+        self.armed.append(alarm)
+        # Read after the append: a thread about to sleep either sees the alarm in
+        # ``armed`` or has already published the time it sleeps toward.
+        if alarm.when < self._sleeps_until or len(self.armed) > _UNSEEN_ALARMS:
+            self._nudge()
+
+    def _nudge(self) -> None:
+        with self.lock:
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="memshift-alarms",
                                                 daemon=True)
                 self._thread.start()
-            elif self._heap[0][2] is alarm:
-                self._lock.notify()
-
-    def disarm(self, alarm: Alarm) -> None:
-        with self._lock:
-            if alarm.disarmed:
-                return
-            alarm.disarmed = True
-            self._disarmed += 1
-            if self._disarmed > 512 and 2 * self._disarmed > len(self._heap):
-                self._heap = [entry for entry in self._heap if not entry[2].disarmed]
-                heapq.heapify(self._heap)
-                self._disarmed = 0
+            self._wake.notify()
 
     def _run(self) -> None:
-        with self._lock:
+        with self.lock:
             while True:
-                while self._heap and self._heap[0][2].disarmed:
-                    heapq.heappop(self._heap)
-                    self._disarmed = max(0, self._disarmed - 1)
-                if not self._heap:
-                    self._lock.wait()
-                    continue
-                delay = self._heap[0][0] - time.monotonic()
-                if delay > 0:
-                    self._lock.wait(delay)
-                    continue
-                alarm = heapq.heappop(self._heap)[2]
-                alarm.go()
-                alarm.disarmed = True
+                self._sleeps_until = -math.inf
+                self._look()
+                self._sleeps_until = self._heap[0][0] if self._heap else math.inf
+                if self.armed:
+                    continue  # armed while it looked: look again before sleeping
+                if self._heap:
+                    self._wake.wait(self._sleeps_until - time.monotonic())
+                else:
+                    self._wake.wait()
+
+    def _look(self) -> None:
+        """Take in the alarms armed since, then ring those that are due."""
+        armed, heap = self.armed, self._heap
+        while armed:
+            alarm = armed.popleft()
+            if alarm.ring is not None:
+                heapq.heappush(heap, (alarm.when, next(self._order), alarm))
+        now = time.monotonic()
+        while heap and (heap[0][2].ring is None or heap[0][0] <= now):
+            heapq.heappop(heap)[2].go()  # a disarmed alarm does not ring
 
 
+# The thread looks at the alarms armed since it last did once this many have piled up.
+_UNSEEN_ALARMS = 1024
 _WATCHDOG = _Watchdog()
+os.register_at_fork(after_in_child=_WATCHDOG._reset)
