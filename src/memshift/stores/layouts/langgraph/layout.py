@@ -172,9 +172,11 @@ class LangGraphLayout(FrameworkLayout):
     def refuse(self, session_id: str, what: str) -> NoReturn:
         raise NotInLayout(
             f"session {session_id!r}: the langgraph layout only reads RedisSaver's keys, "
-            f"so memshift does not write {what} to it; nothing was written. The "
-            "application writes checkpoints with LangGraph's own saver (RedisSaver now, "
-            "PostgresSaver after cutover)"
+            f"so memshift does not write {what} to it; nothing was written. Write with "
+            "LangGraph's own saver: RedisSaver until the switch, PostgresSaver after it. "
+            "A thread RedisSaver changes after its backfill reaches PostgreSQL when "
+            "`memshift --layout langgraph backfill` runs again, once the graph has stopped "
+            "writing Redis"
         )
 
     def save_session(self, session: Session, ttl_ms: int) -> ScriptCall:
