@@ -7,6 +7,7 @@ Settings come from flags, then ``MEMSHIFT_*`` environment variables, then
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,11 +15,18 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
+from typer.core import TyperArgument, TyperOption
 
 from memshift import __version__
-from memshift.config import Settings, describe, load_settings
-from memshift.errors import ConfigError, MemshiftError
+from memshift.config import (
+    CONFIG_FILENAME,
+    Settings,
+    describe,
+    explain_settings,
+    where_to_set,
+)
+from memshift.errors import ConfigError, MemshiftError, SessionNotFound
 from memshift.redact import redact
 
 app = typer.Typer(
@@ -35,8 +43,41 @@ app = typer.Typer(
 db_app = typer.Typer(help="Create and inspect the memshift schema in PostgreSQL.")
 app.add_typer(db_app, name="db", no_args_is_help=True)
 
-out = Console()
-err = Console(stderr=True)
+# Off a terminal (a pipe, a CI log) rich would wrap and cut tables at 80 columns: there,
+# lines are as long as their content, unless $COLUMNS asks for a width.
+UNWRAPPED_WIDTH = 100_000
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A console that wraps at the terminal's width, and off a terminal not at all."""
+    console = Console(stderr=stderr)
+    if not console.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        console.width = UNWRAPPED_WIDTH
+    return console
+
+
+out = _console()
+err = _console(stderr=True)
+
+
+def _help_as_click_shows_it() -> None:
+    """typer's rich help shows every flag (--help too) as taking a ``<bool>``, and a
+    required argument as ``{NAME}`` in the usage line; a flag takes no value, and
+    ``NAME`` (``[NAME]`` when optional) is how click and man pages write arguments."""
+    typed = TyperOption.display_type_rich
+
+    def display_type_rich(self: TyperOption, ctx: Any) -> str | None:
+        return None if self.is_flag or self.count else typed(self, ctx)
+
+    def usage_name(self: TyperArgument) -> str:
+        name = self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+    TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
+
+
+_help_as_click_shows_it()
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
 LayoutOption = Annotated[
@@ -133,8 +174,13 @@ def main_options(
 
 
 def settings_of(ctx: typer.Context) -> Settings:
+    return explained_settings(ctx)[0]
+
+
+def explained_settings(ctx: typer.Context) -> tuple[Settings, dict[str, str]]:
+    """The settings from the global options, env and memshift.toml, and where each came from."""
     obj: dict[str, Any] = ctx.find_root().obj or {}
-    return load_settings(obj.get("overrides", {}), config_file=obj.get("config"))
+    return explain_settings(obj.get("overrides", {}), config_file=obj.get("config"))
 
 
 def need_postgres(settings: Settings) -> str:
@@ -168,20 +214,29 @@ def serve_metrics(settings: Settings, port: int | None) -> None:
     serve(port)
 
 
-@app.command("config")
+@app.command("config", epilog="Example: memshift --prefix agent config --json")
 def show_config(ctx: typer.Context, as_json: JsonFlag = False) -> None:
-    """Show the settings in effect (passwords hidden) and where each can be set."""
-    shown = describe(settings_of(ctx))
+    """Show the settings in effect (passwords hidden), where each came from (default,
+    flag, MEMSHIFT_* environment variable or memshift.toml) and where each can be set.
+
+    --json prints the values, and their origins under "sources".
+    """
+    settings, origins = explained_settings(ctx)
+    shown = describe(settings)
     if as_json:
-        emit_json(shown)
+        emit_json(shown | {"sources": origins})
         return
-    table = Table("setting", "value", title="memshift settings")
+    table = Table("setting", Column("value", overflow="fold"), "from", title="memshift settings")
     for key, value in shown.items():
-        table.add_row(key, "—" if value is None else str(value))
+        table.add_row(key, escape("—" if value is None else str(value)), escape(origins[key]))
     out.print(table)
+    out.print(f"each can be set with its flag, environment variable or key in {CONFIG_FILENAME}"
+              f", e.g. {where_to_set('prefix')} (flags first, then the environment, then "
+              "the file)", highlight=False)
 
 
-@db_app.command("upgrade")
+@db_app.command("upgrade", epilog="Example: memshift --postgres-dsn postgresql://app@db:5432/app "
+                                  "db upgrade")
 def db_upgrade(ctx: typer.Context, as_json: JsonFlag = False) -> None:
     """Apply the schema migrations PostgreSQL lacks (safe to run twice, or at once)."""
     from memshift.sql.migrations import status, upgrade
@@ -229,7 +284,8 @@ def db_status(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         raise typer.Exit(1)
 
 
-@app.command("generate")
+@app.command("generate", epilog="Example: memshift --redis-url redis://localhost:6379/0 "
+                                  "--prefix trial generate -n 2000 --seed 1")
 def generate_cmd(
     ctx: typer.Context,
     sessions: Annotated[int, typer.Option("--sessions", "-n", min=1, help="How many.")] = 100,
@@ -239,7 +295,8 @@ def generate_cmd(
     """Write realistic legacy sessions into Redis in the reference layout.
 
     Trimmed transcripts, tool runs mid-retry, several summary versions, checkpoint
-    chains, status events, and a TTL on some sessions.
+    chains, status events, and a TTL on some sessions. The same --seed makes the same
+    sessions: exit 2, before any write, if some of them exist under the prefix already.
     """
     from memshift.demo import generate_into_redis
 
@@ -253,13 +310,19 @@ def generate_cmd(
     if as_json:
         emit_json(counts)
     else:
+        trimmed = counts["messages_trimmed"]
+        held = counts["messages"] - trimmed
         out.print(
-            f"wrote {counts['sessions']} sessions ({counts['messages']} messages) "
-            f"under prefix {settings.prefix!r}"
+            f"wrote {counts['sessions']:,} sessions ({counts['messages']:,} messages) under "
+            f"prefix {settings.prefix!r}"
+            + (f"; the legacy app's LTRIM then trimmed {trimmed:,} of them from long "
+               f"transcripts, so Redis holds {held:,}" if trimmed else ""),
+            highlight=False,
         )
 
 
-@app.command("demo")
+@app.command("demo", epilog="Example: memshift demo -n 200 (embedded servers in .memshift), or "
+                            "memshift demo --dashboard")
 def demo_cmd(
     ctx: typer.Context,
     sessions: Annotated[int, typer.Option("--sessions", "-n", min=1, help="How many.")] = 200,
@@ -299,7 +362,8 @@ quarantine_app = typer.Typer(help="Sessions that could not be migrated as they a
 app.add_typer(quarantine_app, name="quarantine", no_args_is_help=True)
 
 
-@app.command("backfill")
+@app.command("backfill", epilog="Example: memshift backfill --workers 4 (again after an "
+                                "interruption: it resumes), then memshift backfill --status")
 def backfill_cmd(
     ctx: typer.Context,
     layout: LayoutOption = None,
@@ -312,7 +376,9 @@ def backfill_cmd(
     ] = 200,
     lease_seconds: Annotated[
         float,
-        typer.Option("--lease-seconds", min=0.1, help="A dead worker's batch is retaken after."),
+        typer.Option("--lease-seconds", min=0.1,
+                     help="Seconds after which another worker retakes the batch of a worker "
+                          "that stopped answering."),
     ] = 30.0,
     fail_on_quarantine: Annotated[
         bool,
@@ -321,6 +387,18 @@ def backfill_cmd(
     status: Annotated[
         bool, typer.Option("--status", help="Show the latest runs instead of running.")
     ] = False,
+    abandon: Annotated[
+        int | None,
+        typer.Option("--abandon", metavar="RUN_ID", show_default=False,
+                     help="Give up on this unfinished run instead of running (e.g. one "
+                          "started against a wrong Redis URL), so the stage gates stop "
+                          "waiting for it; needs --reason."),
+    ] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option("--reason", show_default=False,
+                     help="Why the run is abandoned (with --abandon): kept with the run."),
+    ] = None,
     metrics_port: MetricsPort = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -335,6 +413,9 @@ def backfill_cmd(
     from memshift.observe.progress import BackfillProgress
 
     settings = settings_of(ctx)
+    if abandon is not None:
+        abandon_backfill(settings, abandon, reason or "", as_json)
+        return
     if status:
         with connect(need_postgres(settings)) as conn:
             found = runs(conn)
@@ -377,7 +458,22 @@ def backfill_cmd(
         raise typer.Exit(9)
 
 
-@app.command("follow")
+def abandon_backfill(settings: Settings, run_id: int, why: str, as_json: bool) -> None:
+    """`memshift backfill --abandon RUN_ID --reason R`: audited, on the run itself."""
+    from memshift.migrate.backfill import abandon_run, connect
+    from memshift.migrate.plan import operator
+
+    with connect(need_postgres(settings)) as conn:
+        run = abandon_run(conn, run_id, why, who=operator())
+    if as_json:
+        emit_json(run.as_json() | run.extra)
+        return
+    out.print(f"backfill run {run.run_id} ({escape(run.extra['source'])}, prefix "
+              f"{escape(run.extra['prefix'])}) abandoned; the stage gates no longer wait "
+              "for it")
+
+
+@app.command("follow", epilog="Example: memshift follow --configure-redis --workers 4")
 def follow_cmd(
     ctx: typer.Context,
     layout: LayoutOption = None,
@@ -401,12 +497,7 @@ def follow_cmd(
     report_seconds: Annotated[
         float, typer.Option("--report-seconds", min=0.5, help="Seconds between status lines.")
     ] = 10.0,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option("--metrics-port", min=0, max=65535,
-                     help="Serve Prometheus metrics on 127.0.0.1:PORT/metrics.",
-                     show_default=False),
-    ] = None,
+    metrics_port: MetricsPort = None,
     status: Annotated[
         bool, typer.Option("--status", help="Show the followers instead of following.")
     ] = False,
@@ -494,10 +585,12 @@ QuarantineValues = Annotated[
 ]
 
 
-@quarantine_app.command("list")
+@quarantine_app.command("list", epilog="Example: memshift quarantine list --all --json")
 def quarantine_list(
     ctx: typer.Context,
-    show_all: Annotated[bool, typer.Option("--all", help="Resolved entries too.")] = False,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Resolved and dismissed entries too.")
+    ] = False,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 100,
     show_values: QuarantineValues = False,
     as_json: JsonFlag = False,
@@ -513,20 +606,22 @@ def quarantine_list(
     if as_json:
         emit_json(found)
         return
-    table = Table("id", "session", "state", "seen", "last seen", "reason", title="quarantine")
+    table = Table("id", Column("session", overflow="fold"), "state", "seen", "last seen",
+                  Column("reason", overflow="fold"), title="quarantine")
     for e in found:
         table.add_row(str(e["id"]), escape(e["session_id"]), e["state"], str(e["seen"]),
-                      e["last_seen"], escape(e["reason"]))
+                      e["last_seen"], escape(e["reason"]) + dismissal(e))
     out.print(table)
     if found and not show_values:
         out.print("[dim]the record's own text is shown as length and hash; --show-values "
                   "shows it[/]")
 
 
-@quarantine_app.command("show")
+@quarantine_app.command("show", epilog="Example: memshift quarantine show 12 --json")
 def quarantine_show(
     ctx: typer.Context,
-    entry_id: Annotated[int, typer.Argument(help="The id from `memshift quarantine list`.")],
+    entry_id: Annotated[int, typer.Argument(metavar="ID",
+                                            help="The id from `memshift quarantine list`.")],
     show_values: QuarantineValues = False,
     as_json: JsonFlag = False,
 ) -> None:
@@ -548,30 +643,94 @@ def quarantine_show(
         return
     out.print(f"[bold]{escape(row['session_id'])}[/] ({row['source']}, {row['state']}, "
               f"seen {row['seen']} times)")
-    out.print(f"reason: {escape(row['reason'])}")
+    out.print(f"reason: {escape(row['reason'])}{dismissal(row)}")
     out.print_json(data=row["raw"])
     if not show_values:
         out.print("[dim]values are shown as length and hash; --show-values shows them as "
                   "Redis held them (bytes in base64)[/]")
 
 
-@quarantine_app.command("retry")
+@quarantine_app.command("retry", epilog="Example: memshift quarantine retry 12 13")
 def quarantine_retry(
     ctx: typer.Context,
     entry_ids: Annotated[
-        list[int] | None, typer.Argument(help="Ids to retry [default: every open entry].")
+        list[int] | None, typer.Argument(metavar="ID",
+                                         help="Ids to retry [default: every open entry].")
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Read quarantined sessions from Redis again and migrate those now valid."""
+    """Read quarantined sessions from Redis again and migrate those now valid.
+
+    An entry already resolved (its session migrated) is left alone, and said so.
+    """
     from memshift.migrate.backfill import retry_quarantine
 
-    outcome = retry_quarantine(settings_of(ctx), entry_ids or None)
+    settings = settings_of(ctx)
+    resolved = _resolved_entries(settings, entry_ids or [])
+    todo = [i for i in entry_ids or [] if i not in resolved]
+    outcome = {"migrated": 0, "still_bad": 0, "vanished": 0}
+    if todo or not entry_ids:
+        outcome = retry_quarantine(settings, todo or None)
     if as_json:
-        emit_json(outcome)
+        emit_json(outcome | {"already_resolved": resolved})
+        return
+    for entry_id in resolved:
+        out.print(f"quarantine entry {entry_id} is already resolved (its session was "
+                  "migrated): nothing to retry")
+    if todo or not entry_ids:
+        out.print(f"{outcome['migrated']} migrated, {outcome['still_bad']} still bad (left in "
+                  f"quarantine), {outcome['vanished']} vanished (gone from Redis)")
+
+
+def _resolved_entries(settings: Settings, entry_ids: list[int]) -> list[int]:
+    """Those of ``entry_ids`` whose session has been migrated already."""
+    if not entry_ids:
+        return []
+    from memshift.migrate.backfill import connect
+    from memshift.migrate.quarantine import entry
+
+    with connect(need_postgres(settings)) as conn:
+        return [i for i in dict.fromkeys(entry_ids) if entry(conn, i)["state"] == "resolved"]
+
+
+@quarantine_app.command("dismiss")
+def quarantine_dismiss(
+    ctx: typer.Context,
+    entry_ids: Annotated[
+        list[int], typer.Argument(help="Ids from `memshift quarantine list`.")
+    ],
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why the loss is acceptable: kept with each entry.")
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Accept that these sessions are not migrated: they stay missing from PostgreSQL
+    (after `retired` they read as absent), and the stage gates stop waiting for them.
+    Who, when and why are kept (`memshift quarantine list --all`). Fixed in Redis
+    later, a dismissed session still migrates with `memshift quarantine retry ID`."""
+    from memshift.migrate.backfill import connect
+    from memshift.migrate.plan import operator
+    from memshift.migrate.quarantine import dismiss
+
+    with connect(need_postgres(settings_of(ctx))) as conn:
+        done = dismiss(conn, entry_ids, reason, who=operator())
+    if as_json:
+        emit_json({"dismissed": done})
     else:
-        out.print(f"{outcome['migrated']} migrated, {outcome['still_bad']} still quarantined, "
-                  f"{outcome['vanished']} gone from Redis")
+        out.print(f"dismissed {len(done)} quarantine entr{'y' if len(done) == 1 else 'ies'}: "
+                  + ", ".join(map(str, done)))
+
+
+def dismissal(entry: dict[str, Any]) -> str:
+    """Who dismissed a quarantine entry, when and why (empty for the others)."""
+    from memshift.migrate.parity import iso_z
+
+    if entry["state"] != "dismissed":
+        return ""
+    when = entry["dismissed_at"]
+    return escape(f"; dismissed by {entry['dismissed_by']} at "
+                  f"{when if isinstance(when, str) else iso_z(when)}: "
+                  f"{entry['dismissed_reason']}")
 
 
 stage_app = typer.Typer(help="The migration's stage: show it, move it (through its gates).")
@@ -629,26 +788,43 @@ def stage_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         _show_plan(conn, load_plan(conn), as_json)
 
 
-@stage_app.command("set")
+@stage_app.command("set", epilog='Example: memshift stage set shadow --reason "backfill done"')
 def stage_set(
     ctx: typer.Context,
-    stage: Annotated[str, typer.Argument(help="redis_only, dual_write, shadow, cutover, "
+    stage: Annotated[str, typer.Argument(metavar="STAGE",
+                                         help="redis_only, dual_write, shadow, cutover, "
                                               "pg_primary or retired.")],
     reason: Reason,
     force: Annotated[bool, typer.Option("--force", help="Override failing gates.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Move the migration to STAGE: forward one stage through its gates, back at once."""
-    from memshift.migrate.plan import set_stage
+    """Move the migration to STAGE: forward one stage through its gates, back at once.
+
+    Setting the stage the Plan is at already changes nothing (no audit entry), exit 0.
+    """
+    from memshift.migrate.plan import load_plan, set_stage
 
     with _plan_conn(ctx) as conn:
+        current = load_plan(conn)
+        if current.stage == stage:
+            if not as_json:
+                out.print(f"the Plan is at stage {stage} already: nothing changed")
+            _show_plan(conn, current, as_json)
+            return
         _show_plan(conn, set_stage(conn, stage, reason, force=force), as_json)
 
 
-@slice_app.command("set")
+ReadPath = Annotated[
+    str, typer.Argument(metavar="PATH", help="A read path: a name the app passes as "
+                                             "read_path= to the router (default \"default\").")
+]
+
+
+@slice_app.command("set", epilog="Example: memshift slice set resume --percent 5 "
+                                  "--reason \"5 % of resumes\"")
 def slice_set(
     ctx: typer.Context,
-    read_path: Annotated[str, typer.Argument(help="The read path, e.g. resume or transcript.")],
+    read_path: ReadPath,
     percent: Annotated[float, typer.Option("--percent", min=0, max=100,
                                            help="Share of sessions read from PostgreSQL.")],
     reason: Reason,
@@ -656,28 +832,65 @@ def slice_set(
                                               help="Only these tenants (comma-separated).")] = "",
     tenant_deny: Annotated[str, typer.Option("--tenant-deny",
                                              help="Never these tenants (comma-separated).")] = "",
+    new_path: Annotated[
+        bool, typer.Option("--new-path", help="Allow a read path no router has reported "
+                                              "yet (not a typo: the app is about to use it).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Read READ_PATH from PostgreSQL for PERCENT % of sessions (in the cutover stage).
+    """Read PATH from PostgreSQL for --percent % of sessions (in the cutover stage).
 
-    Cohorts are a stable hash of the session id: a session stays in as PERCENT grows.
+    PATH is a name the app passes as read_path= to the router (`default` when it passes
+    none). A path that neither the Plan nor a router's live compare (in shadow) has seen
+    is refused as a likely typo unless --new-path. Cohorts are a stable hash of the
+    session id: a session stays in as the percent grows.
     """
-    from memshift.migrate.plan import set_slice
+    from memshift.migrate.plan import load_plan, set_slice
 
     def names(text: str) -> tuple[str, ...]:
         return tuple(t.strip() for t in text.split(",") if t.strip())
 
     with _plan_conn(ctx) as conn:
+        known = _known_read_paths(conn, load_plan(conn))
+        if read_path not in known and not new_path:
+            raise ConfigError(
+                f"no router has reported read path {read_path!r} and the Plan has no slice "
+                f"for it (known: {', '.join(sorted(known))}); check the spelling against "
+                "the read_path= your app passes, or pass --new-path if the app is about to "
+                "use it")
         plan = set_slice(conn, read_path, percent, reason, tenant_allow=names(tenant_allow),
                          tenant_deny=names(tenant_deny))
         _show_plan(conn, plan, as_json)
 
 
-@app.command("rollback")
+def _known_read_paths(conn: Any, plan: Any) -> set[str]:
+    """Read paths seen: the router's default, the Plan's slices, and those the routers'
+    live compares recorded parity results for (in shadow and cutover)."""
+    from memshift.sql.queries import query
+
+    seen = {row[0] for row in conn.execute(query("rule_read_paths")).fetchall()}
+    return {"default"} | set(plan.slices) | seen
+
+
+@slice_app.command("delete", epilog="Example: memshift slice delete resum --reason "
+                                     "\"typo for resume\"")
+def slice_delete(ctx: typer.Context, read_path: ReadPath, reason: Reason,
+                 as_json: JsonFlag = False) -> None:
+    """Remove PATH's slice (audited): its reads go where the stage sends reads that no
+    slice covers (Redis in cutover)."""
+    from memshift.migrate.plan import delete_slice
+
+    with _plan_conn(ctx) as conn:
+        _show_plan(conn, delete_slice(conn, read_path, reason), as_json)
+
+
+@app.command("rollback", epilog='Example: memshift rollback --path resume --reason "drift on '
+                                'resume"')
 def rollback_cmd(
     ctx: typer.Context,
     reason: Reason,
-    path: Annotated[str | None, typer.Option("--path", help="Only this read path.")] = None,
+    path: Annotated[str | None, typer.Option(
+        "--path", help="Only this read path (a name the app passes as read_path=).")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Move reads back to Redis at once: one read path, or all of them."""
@@ -687,7 +900,7 @@ def rollback_cmd(
         _show_plan(conn, rollback(conn, reason, read_path=path), as_json)
 
 
-@plan_app.command("history")
+@plan_app.command("history", epilog="Example: memshift plan history --limit 20")
 def plan_history(
     ctx: typer.Context,
     limit: Annotated[int, typer.Option("--limit", min=1, help="At most this many.")] = 50,
@@ -703,12 +916,56 @@ def plan_history(
         return
     table = Table("version", "at", "who", "action", "change", "why", title="Plan history")
     for e in entries:
-        change = (f"{e.before['stage']} → {e.after['stage']}"
-                  if e.before["stage"] != e.after["stage"]
-                  else "rules" if e.action == "rules" else "slices")
         table.add_row(str(e.version), e.at.isoformat(timespec="seconds"), escape(e.who),
-                      e.action + (" (forced)" if e.forced else ""), change, escape(e.why))
+                      e.action + (" (forced)" if e.forced else ""),
+                      escape(_plan_change(e.before, e.after)), escape(e.why))
     out.print(table)
+
+
+def _plan_change(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """What one audited Plan change changed, one line per part: "what: before → after"."""
+    lines = []
+    if before["stage"] != after["stage"]:
+        lines.append(f"stage: {before['stage']} → {after['stage']}")
+    old, new = before.get("slices", {}), after.get("slices", {})
+    lines += [f"slice {path}: {_slice_text(old.get(path))} → {_slice_text(new.get(path))}"
+              for path in sorted(old.keys() | new.keys()) if old.get(path) != new.get(path)]
+    return "\n".join(lines + _changed("", _rules_in_effect(before), _rules_in_effect(after))
+                     ) or "no change"
+
+
+def _rules_in_effect(state: dict[str, Any]) -> dict[str, Any]:
+    """The Plan's rules with their defaults filled in, so that a first `rule set` shows
+    only the fields it changed, not every default becoming explicit."""
+    from memshift.migrate.plan import Plan
+    from memshift.migrate.rule import RollbackRule, shadow_sample_rate
+
+    plan = Plan.model_validate(state)
+    return plan.rules | {"rollback": RollbackRule.of(plan).model_dump(mode="json"),
+                         "shadow_sample_rate": shadow_sample_rate(plan)}
+
+
+def _changed(name: str, old: Any, new: Any) -> list[str]:
+    """``name: old → new`` for each leaf that differs (rules are nested objects)."""
+    if isinstance(old, dict | None) and isinstance(new, dict | None) and (old or new):
+        old, new = old or {}, new or {}
+        return [line for key in sorted(old.keys() | new.keys())
+                for line in _changed(f"{name}.{key}" if name else key, old.get(key),
+                                     new.get(key))]
+    return [] if old == new else [f"{name}: {_compact(old)} → {_compact(new)}"]
+
+
+def _slice_text(cut: dict[str, Any] | None) -> str:
+    if cut is None:
+        return "none"
+    return (f"{cut['percent']:g} %"
+            + (f" of tenants {', '.join(cut['tenant_allow'])}" if cut.get("tenant_allow") else "")
+            + (f" except {', '.join(cut['tenant_deny'])}" if cut.get("tenant_deny") else ""))
+
+
+def _compact(value: Any) -> str:
+    return "default" if value is None else json.dumps(value, ensure_ascii=False,
+                                                      separators=(",", ":"))
 
 
 rule_app = typer.Typer(help="The Plan's rules: the rollback rule and the shadow sample rate.")
@@ -766,7 +1023,8 @@ def rule_show(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         _show_rules(load_plan(conn), as_json, slice_drift(conn))
 
 
-@rule_app.command("set")
+@rule_app.command("set", epilog='Example: memshift rule set --drift-rate 1 --window 1000 '
+                                '--reason "noisier traffic"')
 def rule_set(
     ctx: typer.Context,
     reason: Reason,
@@ -783,8 +1041,8 @@ def rule_set(
     critical: Annotated[
         str | None,
         typer.Option("--critical", show_default=False,
-                     help="Checks whose any failure rolls back (comma-separated; '' for "
-                          "none) [default latest_checkpoint_matches,tool_retry_state_matches]."),
+                     help="Checks any failure of which rolls back, comma-separated ('' for none) "
+                          "[default: the two named above]."),
     ] = None,
     sample_rate: Annotated[
         float | None,
@@ -795,10 +1053,15 @@ def rule_set(
 ) -> None:
     """Change the rollback rule and/or the live compare's sample rate (audited).
 
-    Fields not given keep their values.
+    Fields not given keep their values; give at least one. The critical checks by
+    default: latest_checkpoint_matches and tool_retry_state_matches.
     """
     from memshift.migrate.rule import set_rule
 
+    if drift_rate is None and window is None and critical is None and sample_rate is None:
+        raise ConfigError("nothing to change: give at least one of --drift-rate, --window, "
+                          "--critical or --shadow-sample-rate (`memshift rule show` shows "
+                          "the values now)")
     names = (None if critical is None
              else tuple(n.strip() for n in critical.split(",") if n.strip()))
     with _plan_conn(ctx) as conn:
@@ -807,7 +1070,7 @@ def rule_set(
     _show_rules(plan, as_json)
 
 
-@app.command("watch")
+@app.command("watch", epilog="Example: memshift watch --interval 5 --metrics-port 9108")
 def watch_cmd(
     ctx: typer.Context,
     interval: Annotated[
@@ -842,7 +1105,7 @@ def watch_cmd(
     watch(settings, interval=interval, once=once, on_pass=report)
 
 
-@app.command("repair")
+@app.command("repair", epilog="Example: memshift repair --from-parity")
 def repair_cmd(
     ctx: typer.Context,
     limit: Annotated[
@@ -893,7 +1156,8 @@ def repair_cmd(
         raise typer.Exit(1)
 
 
-@app.command("parity")
+@app.command("parity", epilog="Example: memshift parity --sample 500, or memshift parity "
+                              "--session SESSION_ID --show-values")
 def parity_cmd(
     ctx: typer.Context,
     session: Annotated[
@@ -923,9 +1187,9 @@ def parity_cmd(
 ) -> None:
     """Compare sessions in Redis and PostgreSQL and record the results.
 
-    One report per session: the checks of DESIGN §5, PostgreSQL's invariants, and
-    status pass, fail, pending (written during the check: check again later) or
-    error (a store could not read it). Exit 1 when any session fails or errors.
+    One report per session: the checks listed in docs/parity.md, PostgreSQL's
+    invariants, and status pass, fail, pending (written during the check: check again
+    later) or error (a store could not read it). Exit 1 when any session fails or errors.
     """
     from memshift.migrate.parity import ParityOptions, ParityTotals, parity
 
@@ -937,16 +1201,27 @@ def parity_cmd(
     limit = 200
     reports = parity(settings_of(ctx), session_ids=session or None, sample=sample,
                      options=ParityOptions(batch_size=batch_size))
+    missing: list[str] = []
     for report in reports:
+        if session and report.in_neither:
+            missing.append(report.session_id)  # a named id that exists nowhere
+            continue
         totals.add(report)
         if as_json:
             emit_json(report.as_json(show_values=show_values))
         elif (session or report.parity_status != "pass") and len(shown) < limit:
             shown.append(report)
-    if not as_json:
+    if not as_json and (shown or totals.checked or not missing):
         _show_parity(shown, totals, show_values, limit)
+    settings = settings_of(ctx)
+    for sid in missing:
+        err.print(f"[red]session {escape(repr(sid))}: neither Redis (prefix "
+                  f"{escape(settings.prefix)!r}, layout {escape(settings.layout)!r}) nor "
+                  "PostgreSQL holds it[/]; check the id, --prefix and --layout")
     if totals.counts["fail"] or totals.counts["error"]:
         raise typer.Exit(1)
+    if missing:
+        raise typer.Exit(SessionNotFound.exit_code)
 
 
 def _show_parity(reports: list[Any], totals: Any, show_values: bool, limit: int) -> None:
@@ -978,7 +1253,8 @@ def _show_parity(reports: list[Any], totals: Any, show_values: bool, limit: int)
         out.print("[yellow]pending sessions were written during the check: run it again[/]")
 
 
-@app.command("rehearse")
+@app.command("rehearse", epilog="Example: memshift rehearse --sample 50, or memshift rehearse "
+                                "--drill kill-backfill")
 def rehearse_cmd(
     ctx: typer.Context,
     sample: Annotated[
@@ -1097,7 +1373,7 @@ def rehearse_cmd(
         raise typer.Exit(1)
 
 
-@app.command("inspect")
+@app.command("inspect", epilog="Example: memshift inspect sess_0_000042 --tail 20")
 def inspect_cmd(
     ctx: typer.Context,
     session_id: Annotated[str, typer.Argument(metavar="SESSION", help="The session id.")],
@@ -1131,7 +1407,8 @@ def inspect_cmd(
         out.print(part)
 
 
-@app.command("dashboard")
+@app.command("dashboard", epilog="Example: MEMSHIFT_DASHBOARD_TOKEN=... memshift dashboard "
+                                 "--port 8765")
 def dashboard_cmd(
     ctx: typer.Context,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
@@ -1189,12 +1466,13 @@ def _show_drill(report: Any, left: str, as_json: bool) -> None:
               f"deleted from both stores; {left}.")
 
 
-@app.command("drill")
+@app.command("drill", epilog="Example: memshift drill --quick, or memshift drill outage-postgres")
 def drill_cmd(
     ctx: typer.Context,
     names: Annotated[
         list[str] | None,
-        typer.Argument(help="Drills to run [default: all]: crash-backfill, crash-repair, "
+        typer.Argument(metavar="NAME",
+                       help="Drills to run [default: all]: crash-backfill, crash-repair, "
                             "crash-dual-write, outage-postgres, outage-redis, concurrency, "
                             "hostile-input, security.", show_default=False),
     ] = None,

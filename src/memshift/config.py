@@ -27,13 +27,13 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from memshift.errors import ConfigError
 from memshift.redact import redact
 
 __all__ = ["CONFIG_FILENAME", "DEFAULT_SECONDARY_TIMEOUT", "Settings", "describe",
-           "load_settings", "redact", "where_to_set"]
+           "explain_settings", "load_settings", "redact", "where_to_set"]
 
 CONFIG_FILENAME: Final = "memshift.toml"
 # How long a router's write to the secondary store may take before it counts as failed
@@ -153,6 +153,20 @@ def load_settings(
     absent; a ``config_file`` named explicitly must exist.
     Raises ``ConfigError`` naming the setting, what is wrong and what to set.
     """
+    return explain_settings(overrides, env=env, config_file=config_file)[0]
+
+
+def explain_settings(
+    overrides: Mapping[str, object | None],
+    *,
+    env: Mapping[str, str] | None = None,
+    config_file: Path | None = None,
+) -> tuple[Settings, dict[str, str]]:
+    """``load_settings()`` and where each setting came from (``memshift config`` shows it).
+
+    The origin is ``default``, ``flag --name``, ``environment variable MEMSHIFT_NAME``
+    or ``key `name` in PATH``: the same words the error messages use.
+    """
     names = [f.name for f in fields(Settings)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
@@ -162,6 +176,7 @@ def load_settings(
     toml_values = _read_toml(toml_path, required=config_file is not None)
 
     values: dict[str, Any] = {}
+    origins = dict.fromkeys(names, "default")
     for name in names:
         override = overrides.get(name)
         env_value = environ.get(_env_var(name), "")
@@ -180,7 +195,8 @@ def load_settings(
             continue
         _check(name, value, origin)
         values[name] = value
-    return Settings(**values)
+        origins[name] = origin
+    return Settings(**values), origins
 
 
 def _env_var(name: str) -> str:
@@ -190,8 +206,20 @@ def _env_var(name: str) -> str:
 def _shown(secret: str | None) -> str | None:
     if secret is None:
         return None
-    shown = _safely_redacted(secret)
+    shown = _safely_redacted(secret) if "://" in secret else _kv_redacted(secret)
     return "<hidden: may hold a password>" if shown is None else shown
+
+
+def _kv_redacted(dsn: str) -> str | None:
+    """A key=value DSN rebuilt with its password as ``***`` (as error messages show it);
+    ``None`` when libpq cannot parse it, so where its password ends is unknown."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return None
+    if "password" in params:
+        params["password"] = "***"
+    return make_conninfo("", **params)
 
 
 def _problem(name: str, origin: str, what: str, todo: str) -> ConfigError:
@@ -374,8 +402,8 @@ def _str(name: str, value: object, origin: str) -> str:
 
 def _check_redis_url(url: str, origin: str) -> None:
     todo = (
-        "set it to redis://[:password@]host[:port][/db], rediss://... for TLS, "
-        "or unix:///path/to/redis.sock"
+        "set it to redis://host[:port][/db] (a password goes before the host as "
+        ":password@, percent-encoded), rediss://... for TLS, or unix:///path/to/redis.sock"
     )
     try:
         parts = urlsplit(url)
@@ -407,6 +435,13 @@ def _check_redis_url(url: str, origin: str) -> None:
 
 
 def _check_dsn(dsn: str, origin: str) -> None:
+    userinfo = dsn.partition("://")[2].rpartition("@")[0]
+    if "@" in userinfo and "?" not in userinfo:
+        # libpq ends the userinfo at the first '@': the rest of the password would be
+        # taken for the host, and quoted in its connection error.
+        raise _problem(
+            "postgres_dsn", origin, f"{_echo(dsn)} has an unencoded '@' in its user or "
+            "password", "percent-encode it as %40 (e.g. p%40ss for p@ss)")
     try:
         conninfo_to_dict(dsn)
     except psycopg.Error as exc:
@@ -414,8 +449,10 @@ def _check_dsn(dsn: str, origin: str) -> None:
             "postgres_dsn",
             origin,
             f"{_echo(dsn)} cannot be parsed ({_safe_libpq_message(str(exc))})",
-            "set it to postgresql://user[:password]@host[:port]/dbname "
-            "or 'host=... dbname=... user=...'",
+            "set it to a URL such as postgresql://app@db.example:5432/memory (a password "
+            "goes after the user as user:password@, with '@', ':' and '/' in it "
+            "percent-encoded) or to key=value pairs such as 'host=db.example dbname=memory "
+            "user=app'",
         ) from None
 
 

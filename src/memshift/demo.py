@@ -38,12 +38,11 @@ from rich.table import Table
 from memshift import embedded
 from memshift.config import Settings
 from memshift.errors import ConfigError, MemshiftError
-from memshift.generate import GeneratedSession, generate_sessions
+from memshift.generate import GeneratedSession, generate_sessions, session_ids
 from memshift.migrate.backfill import BackfillOptions, backfill
 from memshift.migrate.backfill import Summary as BackfillSummary
 from memshift.migrate.parity import ParityTotals, parity
 from memshift.migrate.plan import (
-    PARITY_WINDOW,
     GateRefused,
     PlanWatcher,
     Stage,
@@ -65,10 +64,12 @@ from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
 
 
-def legacy_housekeeping(client: redis.Redis, prefix: str, generated: GeneratedSession) -> None:
-    """What the legacy app does beside its writes: LTRIM long transcripts, EXPIRE."""
+def legacy_housekeeping(client: redis.Redis, prefix: str, generated: GeneratedSession) -> int:
+    """What the legacy app does beside its writes: LTRIM long transcripts, EXPIRE.
+    Returns how many messages LTRIM dropped."""
     keys = get_layout("reference", prefix).session_keys(generated.session_id)
     hash_key, messages_key = keys[0], keys[1]
+    dropped = 0
     if generated.keep_last is not None:
         held = int(client.llen(messages_key))
         dropped = held - generated.keep_last
@@ -82,30 +83,60 @@ def legacy_housekeeping(client: redis.Redis, prefix: str, generated: GeneratedSe
         for key in keys:
             pipe.expire(key, generated.ttl_seconds)
         pipe.execute()
+    return max(dropped, 0)
 
 
 def generate_into_redis(
     settings: Settings, count: int, seed: int, *, console: Console, quiet: bool
 ) -> dict[str, int]:
-    """`memshift generate`: legacy sessions into Redis only."""
+    """`memshift generate`: legacy sessions into Redis only.
+
+    Refuses (before any write) when some of the sessions exist already: the same seed
+    makes the same sessions, and replaying their writes would fail partway (a status
+    cannot move to the status it has). ``messages_trimmed`` counts what the legacy
+    app's LTRIM dropped of the ``messages`` written.
+    """
     assert settings.redis_url is not None
     client = redis.Redis.from_url(settings.redis_url)
     store = RedisStore(
         client, layout=settings.layout, prefix=settings.prefix, ttl_seconds=settings.ttl_seconds
     )
-    messages = 0
+    messages = trimmed = 0
     try:
+        _refuse_existing(client, settings, count, seed)
         with progress(console, quiet) as bar:
             task = bar.add_task("generating", total=count, rate="")
             for generated in generate_sessions(count, seed=seed):
                 generated.play(store)
-                legacy_housekeeping(client, settings.prefix, generated)
+                trimmed += legacy_housekeeping(client, settings.prefix, generated)
                 messages += sum(1 for c in generated.calls if c.method == "append_message")
                 bar.advance(task)
     finally:
         store.close()
         client.close()
-    return {"sessions": count, "messages": messages}
+    return {"sessions": count, "messages": messages, "messages_trimmed": trimmed}
+
+
+def _refuse_existing(client: redis.Redis, settings: Settings, count: int, seed: int) -> None:
+    """ConfigError when Redis holds any key of a session this seed would generate."""
+    layout = get_layout(settings.layout, settings.prefix)
+    ids = session_ids(count, seed=seed)
+    found = 0
+    first: str | None = None
+    for start in range(0, len(ids), 1000):
+        chunk = ids[start:start + 1000]
+        pipe = client.pipeline(transaction=False)
+        for sid in chunk:
+            pipe.exists(*layout.session_keys(sid))
+        held = [sid for sid, n in zip(chunk, pipe.execute(), strict=True) if n]
+        found += len(held)
+        first = first or (held[0] if held else None)
+    if found:
+        raise ConfigError(
+            f"{found:,} of the {count:,} sessions that --seed {seed} generates exist already "
+            f"under prefix {settings.prefix!r} (e.g. {first}): the same seed makes the same "
+            f"sessions; pass another --seed (e.g. --seed {seed + 1}) or --prefix"
+        )
 
 
 # The read path the demo's traffic uses, and its cutover slices, in order.
@@ -187,8 +218,9 @@ def _start_over(conn: psycopg.Connection[Any], started: Sequence[embedded.Embedd
     elif stage is not Stage.REDIS_ONLY:
         raise ConfigError(
             "the demo moves the Plan from redis_only to retired, but this database's Plan "
-            f"is at {stage}; run the demo on a scratch database, or with no --postgres-dsn "
-            "(embedded servers)"
+            f"is at {stage}; run the demo on a scratch database (point --postgres-dsn or "
+            "MEMSHIFT_POSTGRES_DSN at it), or with neither set so that it starts embedded "
+            "servers of its own"
         )
 
 
@@ -368,8 +400,8 @@ class _Demo:
                 bar.advance(task)
             held = sum(self.legacy.load_session(g.session_id) is not None for g in legacy_half)
             step.passed = held == len(legacy_half)
-            step.note = (f"the legacy app wrote {len(legacy_half)} sessions to Redis (long "
-                         f"transcripts trimmed, some with a TTL); {held} readable")
+            step.note = (f"wrote {len(legacy_half)} sessions to Redis (long transcripts "
+                         f"trimmed, some with a TTL); {held} readable")
 
     def dual_write(
         self, live_half: list[GeneratedSession], ids: list[str], traffic: _Traffic
@@ -383,8 +415,10 @@ class _Demo:
             summary = backfill(self.settings, BackfillOptions(layout=self.settings.layout,
                                                               prefix=self.settings.prefix))
             self.say(f"backfill run {summary.run_id}: {summary.migrated} migrated, "
-                     f"{summary.unchanged} unchanged, {summary.quarantined} quarantined, "
-                     f"{summary.messages:,} messages in {summary.seconds:.1f} s")
+                     f"{summary.unchanged} unchanged (in PostgreSQL already: written through "
+                     "the router, or by an earlier demo run on these servers), "
+                     f"{summary.quarantined} quarantined, {summary.messages:,} messages in "
+                     f"{summary.seconds:.1f} s")
             totals = step.add(self.parity(ids))
             step.passed = (summary.state == "completed" and step.clean(totals)
                            and traffic.failures == 0)
@@ -450,7 +484,7 @@ class _Demo:
             totals = step.add(self.parity(ids))
             step.passed = step.clean(totals)
             step.note = (f"PostgreSQL primary, Redis secondary; parity {_counts(totals)}"
-                         + (f" ({extra} more parity run(s) to refill the gate's window)"
+                         + (f" ({extra} more parity run(s) for the gate)"
                             if extra else ""))
         return totals
 
@@ -497,16 +531,16 @@ class _Demo:
         return traffic.sources()
 
     def advance(self, target: Stage, why: str) -> int:
-        """Move forward. When the parity gate refuses only because the repaired drift is
-        still in its window, do what its message says: run parity again (while every
-        run passes) until the window holds enough fresh evidence. Returns the runs."""
+        """Move forward. When the parity gate refuses (a session's latest check, made
+        under live traffic, failed), do what its message says: run parity again, once;
+        it stops the demo if that run fails too. Returns the runs."""
         runs = 0
         while True:
             try:
                 self.stage(target, why)
                 return runs
             except GateRefused as refused:
-                if "parity" not in str(refused) or runs >= PARITY_WINDOW:
+                if "parity" not in str(refused) or runs >= 1:
                     raise
                 if runs == 0:
                     self.say(f"[yellow]gate[/]: {refused}")

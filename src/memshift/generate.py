@@ -56,8 +56,16 @@ def generate_sessions(
     count: int, *, seed: int = 0, start: int = 0, namespace: str = "sess"
 ) -> Iterator[GeneratedSession]:
     """``count`` sessions, the same for the same seed (ids ``{namespace}_{seed}_{i}``)."""
-    for index in range(start, start + count):
-        yield _session(random.Random(f"{seed}:{index}"), f"{namespace}_{seed}_{index:06d}")
+    for index, sid in enumerate(session_ids(count, seed=seed, start=start, namespace=namespace),
+                                start):
+        yield _session(random.Random(f"{seed}:{index}"), sid)
+
+
+def session_ids(
+    count: int, *, seed: int = 0, start: int = 0, namespace: str = "sess"
+) -> list[str]:
+    """The ids ``generate_sessions`` gives its sessions, without generating them."""
+    return [f"{namespace}_{seed}_{index:06d}" for index in range(start, start + count)]
 
 
 def _session(rng: random.Random, sid: str) -> GeneratedSession:

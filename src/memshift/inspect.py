@@ -202,7 +202,9 @@ def quarantine_json(entry: QuarantineEntry, *, show_values: bool) -> dict[str, A
     return {"id": entry.id, "source": entry.source, "session_id": entry.session_id,
             "reason": shown_reason(entry.reason, show_values), "state": entry.state,
             "seen": entry.seen, "first_seen": iso_z(entry.first_seen),
-            "last_seen": iso_z(entry.last_seen)}
+            "last_seen": iso_z(entry.last_seen),
+            "dismissed_at": iso_z(entry.dismissed_at) if entry.dismissed_at else None,
+            "dismissed_by": entry.dismissed_by, "dismissed_reason": entry.dismissed_reason}
 
 
 # -- reading ------------------------------------------------------------------------
@@ -319,19 +321,37 @@ def _redacted_literal(literal: re.Match[str]) -> str:
 
 
 def shown_raw(raw: Any, show_values: bool) -> Any:
-    """A quarantine entry's raw keys (``{key: {"command", "reply"}}``) for people: each
-    text or bytes value as its length and hash unless ``show_values``; the keys, the
-    commands, numbers and Redis's errors as they are."""
+    """A quarantine entry's raw keys (``{key: [{"command", "reply"}, ...]}``; entries
+    recorded before memshift kept every command's reply: ``{key: {"command",
+    "reply"}}``) for people: each text or bytes value as its length and hash unless
+    ``show_values``; the keys, the commands, a hash's field names, numbers and Redis's
+    errors as they are."""
     if show_values:
         return raw
     if isinstance(raw, dict):
         if set(raw) == {"b64"}:
             return fingerprint(base64.b64decode(raw["b64"]).decode("utf-8", "surrogateescape"))
+        if _hash_read(raw):  # which fields a hash holds is schema, not the user's text
+            return raw | {"reply": [[_field_name(field), shown_raw(value, False)]
+                                    for field, value in raw["reply"]]}
         return {k: v if k in ("command", "error") else shown_raw(v, False)
                 for k, v in raw.items()}
     if isinstance(raw, list):
         return [shown_raw(v, False) for v in raw]
     return fingerprint(raw) if isinstance(raw, str) else raw
+
+
+def _hash_read(raw: dict[str, Any]) -> bool:
+    """An HGETALL and its reply, recorded as ``[[field, value], ...]``."""
+    reply = raw.get("reply")
+    return (str(raw.get("command", "")).upper() == "HGETALL" and isinstance(reply, list)
+            and all(isinstance(pair, list) and len(pair) == 2 for pair in reply))
+
+
+def _field_name(field: Any) -> Any:
+    if isinstance(field, dict) and set(field) == {"b64"}:
+        return base64.b64decode(field["b64"]).decode("utf-8", "backslashreplace")
+    return field
 
 
 @cache

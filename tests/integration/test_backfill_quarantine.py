@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -14,12 +15,16 @@ import pytest
 import redis
 
 from memshift.config import Settings
+from memshift.errors import MemshiftError
 from memshift.generate import generate_sessions
-from memshift.migrate.backfill import BackfillOptions, backfill
-from memshift.migrate.quarantine import entries
+from memshift.migrate.backfill import BackfillOptions, backfill, retry_quarantine
+from memshift.migrate.parity import ParityOptions, parity
+from memshift.migrate.plan import Gate, GateRefused, Stage, check_gates, set_stage
+from memshift.migrate.quarantine import dismiss, entries
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
 from tests.integration.test_backfill import assert_same
+from tests.integration.test_plan import parity_gate
 
 TS = "2026-05-19T10:00:00.000000Z"
 
@@ -186,9 +191,192 @@ def test_quarantine_can_be_listed_shown_and_retried_once_fixed(
     assert entry["session_id"] == "fixable" and "role" in entry["reason"]
     raw = json.loads(shown.stdout)["raw"]
     assert any(key.endswith(":messages") for key in raw)
-    assert json.loads(still.stdout) == {"migrated": 0, "still_bad": 1, "vanished": 0}
-    assert json.loads(fixed.stdout) == {"migrated": 1, "still_bad": 0, "vanished": 0}
+    assert json.loads(still.stdout) == {"migrated": 0, "still_bad": 1, "vanished": 0,
+                                        "already_resolved": []}
+    assert json.loads(fixed.stdout) == {"migrated": 1, "still_bad": 0, "vanished": 0,
+                                        "already_resolved": []}
     assert json.loads(after.stdout) == []
     with PostgresStore(pg_dsn) as truth:
         restored = truth.load_session("fixable")
     assert restored is not None and restored.messages[0].role == "user"
+
+
+def test_sessions_with_parts_but_no_hash_are_quarantined_as_orphans(
+    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: Legacy
+) -> None:
+    legacy.session(b"whole")
+    legacy.client.rpush(legacy.key(b"only-messages", "messages"), message(0), message(1))
+    legacy.client.hset(legacy.key(b"only-tools", "tools"), "call-1", json.dumps(
+        {"name": "x", "args": {}, "status": "running", "attempts": 1, "last_error": None,
+         "updated_at": TS}))
+    legacy.client.set(legacy.key(b"only-summary", "summary"), json.dumps(
+        {"version": 1, "text": "t", "covers_through": 0, "updated_at": TS}))
+    legacy.client.rpush(legacy.key(b"orphan-\xff", "messages"), message(0))
+    config = Settings(redis_url=redis_url, postgres_dsn=pg_dsn, prefix=redis_prefix)
+    options = BackfillOptions(prefix=redis_prefix, batch_size=2)
+
+    summary = backfill(config, options)
+
+    assert (summary.sessions_seen, summary.migrated, summary.quarantined) == (5, 1, 4)
+    with psycopg.connect(pg_dsn) as conn:
+        found = {e.session_id: e.reason for e in entries(conn)}
+        migrated = [r[0] for r in conn.execute("SELECT session_id FROM memshift.sessions")]
+        parts = conn.execute("SELECT count(*) FROM memshift.messages WHERE session_id <> 'whole'")
+        assert parts.fetchone() == (0,)
+    assert migrated == ["whole"]
+    for sid, child in (("only-messages", "messages"), ("only-tools", "tools"),
+                       ("only-summary", "summary"), ("orphan-\\xff", "messages")):
+        key = f"{redis_prefix}:session:{sid}"
+        assert f"key {key + ':' + child!r} has no session hash {key!r}" in found[sid]
+    assert "UTF-8" in found["orphan-\\xff"]
+
+    # Run again: the orphans are quarantined once each, and nothing else happens.
+    again = backfill(config, options)
+    assert (again.migrated, again.unchanged, again.quarantined) == (0, 1, 4)
+    with psycopg.connect(pg_dsn) as conn:
+        assert len(entries(conn)) == 4
+
+    # Retried, an orphan whose hash was written since migrates with it; the others
+    # as they are, with a placeholder record (but the one whose id PostgreSQL
+    # cannot hold).
+    legacy.client.hset(legacy.key(b"only-messages"), mapping={
+        "status": "paused", "version": "2", "created_at": TS, "updated_at": TS})
+    assert retry_quarantine(config) == {"migrated": 3, "still_bad": 1, "vanished": 0}
+    with PostgresStore(pg_dsn) as truth:
+        fixed, placeholder = truth.load_session("only-messages"), truth.load_session("only-tools")
+    assert fixed is not None and (fixed.session.status, fixed.session.version) == ("paused", 2)
+    assert len(fixed.messages) == 2
+    assert placeholder is not None and placeholder.session.version == 0
+    assert placeholder.tool_runs[0].tool_call_id == "call-1"
+
+
+def test_a_fault_in_the_session_hash_keeps_every_field_and_every_reply_of_that_key(
+    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: Legacy
+) -> None:
+    # The session hash is read twice (HGETALL, then PTTL): both replies are kept.
+    legacy.session(b"neg", {"version": "-3"})
+    legacy.client.pexpire(legacy.key(b"neg"), 3_600_000)
+    env = {"MEMSHIFT_POSTGRES_DSN": pg_dsn, "MEMSHIFT_REDIS_URL": redis_url,
+           "MEMSHIFT_PREFIX": redis_prefix}
+
+    backfill(Settings(redis_url=redis_url, postgres_dsn=pg_dsn, prefix=redis_prefix),
+             BackfillOptions(prefix=redis_prefix))
+    [found] = json.loads(memshift("quarantine", "list", "--json", env=env).stdout)
+    shown = json.loads(memshift("quarantine", "show", str(found["id"]), "--json",
+                                env=env).stdout)
+    values = json.loads(memshift("quarantine", "show", str(found["id"]), "--json",
+                                 "--show-values", env=env).stdout)
+
+    key = f"{redis_prefix}:session:neg"
+    assert "'version'" in shown["reason"]
+    reads = {read["command"]: read["reply"] for read in shown["raw"][key]}
+    assert set(reads) == {"HGETALL", "PTTL"}
+    assert 0 < reads["PTTL"] <= 3_600_000
+    # Field names are shown; their values as length and hash (--show-values: as held).
+    fields = dict(reads["HGETALL"])
+    assert set(fields) == {"tenant_id", "user_id", "status", "version", "created_at",
+                           "updated_at", "messages_trimmed", "metadata"}
+    assert fields["version"]["length"] == 2 and "-3" not in json.dumps(fields)
+    held = {read["command"]: read["reply"] for read in values["raw"][key]}["HGETALL"]
+    assert [base64.b64decode(v["b64"]) for k, v in held
+            if base64.b64decode(k["b64"]) == b"version"] == [b"-3"]
+    assert any(read["command"] == "LRANGE 0 -1" for read in shown["raw"][key + ":messages"])
+
+
+def test_open_quarantine_holds_the_gates_until_each_entry_is_retried_or_dismissed(
+    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: Legacy
+) -> None:
+    # A quarantined session is missing from PostgreSQL: reading it there (cutover,
+    # pg_primary) or retiring Redis would lose it, so the gates wait for the operator.
+    legacy.session(b"fixable", messages=[message(0, role=None)])
+    legacy.session(b"lost", {"version": "-3"})
+    legacy.session(b"healthy")
+    config = Settings(redis_url=redis_url, postgres_dsn=pg_dsn, prefix=redis_prefix)
+    env = {"MEMSHIFT_POSTGRES_DSN": pg_dsn, "MEMSHIFT_REDIS_URL": redis_url,
+           "MEMSHIFT_PREFIX": redis_prefix, "MEMSHIFT_OPERATOR": "alice"}
+
+    def quarantine_gates() -> list[Gate]:
+        return [g for stage in (Stage.CUTOVER, Stage.PG_PRIMARY, Stage.RETIRED)
+                for g in check_gates(conn, stage) if g.name == "no open quarantine"]
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        set_stage(conn, "dual_write", "start")
+        backfill(config, BackfillOptions(prefix=redis_prefix))
+        set_stage(conn, "shadow", "backfilled")
+        with pytest.raises(GateRefused, match=r"gate 'no open quarantine' fails \(2 open "
+                           r"quarantine entries \(2 from reference:.*quarantine retry.*"
+                           r"quarantine dismiss ID"):
+            set_stage(conn, "cutover", "go")
+        both_open = quarantine_gates()
+
+        legacy.client.lset(legacy.key(b"fixable", "messages"), 0, message(0))
+        retried = retry_quarantine(config)
+        one_open = quarantine_gates()
+        [lost] = entries(conn)
+        list(parity(config, options=ParityOptions(settle_seconds=0)))
+        parity_with_the_loss = parity_gate(conn)
+
+        unexplained = memshift("quarantine", "dismiss", str(lost.id), env=env)
+        blank = memshift("quarantine", "dismiss", str(lost.id), "--reason", " ", env=env)
+        unknown = memshift("quarantine", "dismiss", str(lost.id), "999", "--reason", "x",
+                           env=env)
+        still_open = quarantine_gates()
+        dismissed = memshift("quarantine", "dismiss", str(lost.id), "--reason",
+                             "ticket 7: the user deleted this session", env=env)
+        none_open = quarantine_gates()
+        parity_with_the_loss_accepted = parity_gate(conn)
+        audit = json.loads(memshift("quarantine", "list", "--all", "--json", env=env).stdout)
+        # A later backfill finds it bad in the same way: it stays dismissed.
+        backfill(config, BackfillOptions(prefix=redis_prefix))
+        after_another_run = quarantine_gates()
+
+    assert [(g.passed, g.detail) for g in both_open] == [
+        (False, f"2 open quarantine entries (2 from reference:{redis_prefix})")] * 3
+    assert retried == {"migrated": 1, "still_bad": 1, "vanished": 0}
+    assert [(g.passed, g.detail) for g in one_open] == [
+        (False, f"1 open quarantine entry (1 from reference:{redis_prefix})")] * 3
+    assert unexplained.returncode == 2 and "--reason" in unexplained.stderr
+    assert blank.returncode == 3 and "needs a reason" in blank.stderr
+    assert unknown.returncode == 1 and "no quarantine entry 999" in unknown.stderr
+    assert "nothing was dismissed" in unknown.stderr
+    assert [g.passed for g in still_open] == [False] * 3
+    assert dismissed.returncode == 0, dismissed.stderr
+    assert [(g.passed, g.detail) for g in none_open] == [(True, "0 open quarantine entries")] * 3
+    # Its parity result counts until then; once its loss is accepted, no longer.
+    assert parity_with_the_loss.detail.startswith("1 of 3 sessions fail")
+    assert parity_with_the_loss_accepted.detail.startswith("0 of 2 sessions fail")
+    by_session = {e["session_id"]: e for e in audit}
+    assert by_session["fixable"]["state"] == "resolved"
+    assert by_session["lost"]["state"] == "dismissed"
+    assert by_session["lost"]["dismissed_by"] == "alice"
+    assert by_session["lost"]["dismissed_reason"] == "ticket 7: the user deleted this session"
+    assert by_session["lost"]["dismissed_at"] is not None
+    assert [g.passed for g in after_another_run] == [True] * 3
+
+
+def test_a_dismissed_session_found_bad_in_another_way_is_open_again_and_can_still_migrate(
+    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: Legacy
+) -> None:
+    legacy.session(b"s", {"version": "-3"})
+    config = Settings(redis_url=redis_url, postgres_dsn=pg_dsn, prefix=redis_prefix)
+    backfill(config, BackfillOptions(prefix=redis_prefix))
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        [entry] = entries(conn)
+        assert dismiss(conn, [entry.id], "accepted", who="bob") == [entry.id]
+        with pytest.raises(MemshiftError, match=f"entry {entry.id} is dismissed, not open"):
+            dismiss(conn, [entry.id], "twice", who="bob")
+
+        legacy.client.hset(legacy.key(b"s"), mapping={"version": "2",  # bad in another way
+                                                      "updated_at": "yesterday"})
+        backfill(config, BackfillOptions(prefix=redis_prefix))
+        reopened = entries(conn, state=None)
+        legacy.client.hset(legacy.key(b"s"), "updated_at", TS)
+        retried = retry_quarantine(config, [entry.id])
+        resolved = entries(conn, state=None)
+
+    assert [(e.state, e.seen) for e in reopened] == [("open", 2)]
+    assert retried == {"migrated": 1, "still_bad": 0, "vanished": 0}
+    assert [e.state for e in resolved] == ["resolved"]
+    with PostgresStore(pg_dsn) as truth:
+        state = truth.load_session("s")
+    assert state is not None and state.session.version == 2

@@ -489,7 +489,7 @@ def test_shadow_waits_for_a_follower_that_lags_and_not_for_one_stopped(
     assert alone == stopped == ["backfill complete"]  # no follow mode, no gate
     # In follow mode parity must vouch for PostgreSQL before shadow too (none run here).
     assert running == {"backfill complete": True, "follower lag": True,
-                       "parity pass rate over the last 500 checks": False}
+                       "parity pass rate (each session's latest check)": False}
     assert dead and not dead[0].passed and "lags 60" in dead[0].detail
 
 

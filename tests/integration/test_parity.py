@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 import redis
+from psycopg import sql
 
 from memshift.config import Settings
 from memshift.generate import generate_sessions
@@ -307,10 +308,55 @@ def test_cutover_waits_for_a_parity_pass_rate_and_says_how_to_get_one(
             set_stage(conn, "cutover", "one in six drifted")
         truth_fixed = legacy.upsert_tool_run(ids[0], ToolRun(tool_call_id="drift", name="probe"))
         assert truth_fixed.tool_call_id == "drift"
-        # The window is the latest results: enough passes outweigh the old fail.
-        for _ in range(40):
-            list(parity(config, session_ids=ids))
+        # Each session's latest result counts: one new pass supersedes the old fail.
+        list(parity(config, session_ids=[ids[0]]))
         assert set_stage(conn, "cutover", "parity holds").stage is Stage.CUTOVER
+
+
+def test_a_failed_session_deleted_from_both_stores_stops_holding_the_gate(
+    config: Settings, legacy: RedisStore, truth: PostgresStore, raw: redis.Redis, pg_dsn: str
+) -> None:
+    ids = migrated(config, legacy)
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        set_stage(conn, "dual_write", "start")
+        set_stage(conn, "shadow", "backfilled")
+        truth.upsert_tool_run(ids[0], ToolRun(tool_call_id="drift", name="probe"))
+        list(parity(config, options=ParityOptions(settle_seconds=0)))
+        with pytest.raises(GateRefused, match=r"1 of 6 sessions fail"):
+            set_stage(conn, "cutover", "one drifted")
+        # The application deletes the session everywhere (say, a user's erasure request).
+        raw.delete(*raw.keys(f"{config.prefix}:session:{ids[0]}*"))
+        for table in ("sessions", "messages", "tool_runs", "summaries", "checkpoints",
+                      "events"):
+            conn.execute(sql.SQL("DELETE FROM memshift.{} WHERE session_id = %s")
+                         .format(sql.Identifier(table)), (ids[0],))
+
+        reports = {r.session_id: r for r in parity(config)}
+
+        assert reports[ids[0]].in_neither, reports[ids[0]].diffs
+        assert reports[ids[0]].parity_status == "pass"
+        assert set_stage(conn, "cutover", "parity holds").stage is Stage.CUTOVER
+
+
+def test_parity_of_an_id_no_store_holds_exits_4_and_records_nothing(
+    config: Settings, legacy: RedisStore, pg_dsn: str
+) -> None:
+    ids = migrated(config, legacy, count=2)
+    env = {"MEMSHIFT_POSTGRES_DSN": pg_dsn, "MEMSHIFT_REDIS_URL": config.redis_url or "",
+           "MEMSHIFT_PREFIX": config.prefix}
+
+    typo = memshift("parity", "--session", "no-such-session", env=env)
+    mixed = memshift("parity", "--session", ids[0], "--session", "no-such-session", "--json",
+                     env=env)
+
+    assert typo.returncode == 4, typo.stderr
+    assert "'no-such-session': neither Redis" in " ".join(typo.stderr.split())
+    assert mixed.returncode == 4
+    assert [json.loads(line)["session_id"] for line in mixed.stdout.splitlines()] == [ids[0]]
+    with psycopg.connect(pg_dsn) as conn:
+        recorded = conn.execute("SELECT DISTINCT session_id FROM memshift.parity_results"
+                                ).fetchall()
+    assert recorded == [(ids[0],)]
 
 
 def _state(messages: range, trimmed: int = 0, **parts: Any) -> SessionState:

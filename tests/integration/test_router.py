@@ -372,7 +372,8 @@ def test_a_stage_set_in_one_process_moves_reads_in_another(
     assert child.stdout is not None
     try:
         assert child.stdout.readline().strip() == "redis"
-        result = memshift("slice", "set", "resume", "--percent", "100", "--reason", "go",
+        result = memshift("slice", "set", "resume", "--percent", "100", "--new-path",
+                          "--reason", "go",
                           env={"MEMSHIFT_POSTGRES_DSN": pg_dsn})
         changed = time.monotonic()  # the change committed before the command exited
         assert result.returncode == 0, result.stderr

@@ -257,3 +257,63 @@ def test_a_job_needing_both_stores_names_the_settings_to_set() -> None:
         require_stores(Settings(postgres_dsn="postgresql://u:s3cr3t-pw@db/app"), "backfill")
     both = Settings(redis_url="redis://localhost:6379/0", postgres_dsn="postgresql://db/app")
     assert require_stores(both, "backfill") == ("redis://localhost:6379/0", "postgresql://db/app")
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [("postgres_dsn", "host=x nonsense"), ("redis_url", "redis://h:port/0")],
+)
+def test_the_what_to_set_template_survives_redaction_intact(setting: str, value: str) -> None:
+    """The CLI redacts every error message: the template must not read as a redacted DSN."""
+    message = config_error(overrides={setting: value})
+
+    assert redact(message) == message and "***" not in message
+    assert "percent-encoded" in message
+
+
+def test_a_key_value_dsn_is_shown_with_its_password_as_stars_like_errors_show_it() -> None:
+    settings = load(env={"MEMSHIFT_POSTGRES_DSN": "host=db user=app password='my s3cr3t'"})
+
+    shown = describe(settings)["postgres_dsn"]
+
+    assert shown == "user=app password=*** host=db"
+    assert shown == redact("user=app password='my s3cr3t' host=db")
+
+
+def test_a_redis_password_with_an_unencoded_at_sign_is_hidden_whole() -> None:
+    """redis-py, like urllib, ends the userinfo at the last '@', so such a URL works."""
+    settings = load(overrides={"redis_url": "redis://:Secret1@x@127.0.0.1:6379/0"})
+
+    assert describe(settings)["redis_url"] == "redis://:***@127.0.0.1:6379/0"
+    assert "Secret1" not in repr(settings)
+
+
+def test_explain_settings_says_where_each_setting_came_from(tmp_path: Path) -> None:
+    from memshift.config import explain_settings
+
+    toml = write_toml(tmp_path, '[memshift]\nlayout = "reference"\nprefix = "from-toml"\n')
+
+    settings, origins = explain_settings(
+        {"ttl_seconds": 60, "prefix": None},
+        env={"MEMSHIFT_PREFIX": "from-env", "MEMSHIFT_REDIS_URL": ""},
+        config_file=toml,
+    )
+
+    assert (settings.prefix, settings.layout, settings.ttl_seconds) == ("from-env", "reference", 60)
+    assert origins == {
+        "redis_url": "default",
+        "postgres_dsn": "default",
+        "layout": f"key `layout` in {toml}",
+        "prefix": "environment variable MEMSHIFT_PREFIX",
+        "ttl_seconds": "flag --ttl-seconds",
+        "data_dir": "default",
+        "secondary_timeout_seconds": "default",
+    }
+
+
+def test_a_dsn_password_with_an_unencoded_at_sign_is_refused_without_showing_it() -> None:
+    message = config_error(overrides={"postgres_dsn": "postgresql://app:p@ss@db/app"})
+
+    assert "unencoded '@'" in message and "%40" in message
+    assert "postgresql://app:***@db/app" in message and "ss@" not in message
+    assert load(overrides={"postgres_dsn": "postgresql://app:p%40ss@db/app"}).postgres_dsn

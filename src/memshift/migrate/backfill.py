@@ -14,14 +14,29 @@ The process that starts a run is one of its workers: it discovers in a thread wh
 it works on the batches found so far, and ``--workers N`` adds N - 1 processes.
 Within a worker, a thread writes one batch into PostgreSQL while the worker reads
 and validates the next from Redis.
+
+Transcripts are most of the data, so the reference layout's plain ones take a fast
+lane (:class:`BackfillLayout`): each message is checked with cheap, conservative
+tests that imply the full validation would accept it unchanged, and goes straight
+into a line of COPY text, with no ``Message`` built. A session with any message that
+is not certainly fine is read by the layout as always, so what is quarantined, and
+why, does not change.
+
+Discovery finds sessions by their hash. In the reference layout it then SCANs for
+the other keys of sessions too (``...:messages``, ``...:tools``, ...): a session
+whose parts are there but not its hash (legacy code that only RPUSHed) is
+quarantined as an orphan, with a reason naming the key, rather than left behind
+unseen.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import multiprocessing
 import os
+import re
 import socket
 import threading
 import time
@@ -33,19 +48,22 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.rows import class_row, dict_row
 from psycopg.types.json import Jsonb
 
 from memshift.config import Settings, require_stores
 from memshift.errors import ConfigError, MemshiftError, SchemaError
-from memshift.migrate.bulk import merge_states
-from memshift.migrate.quarantine import Quarantined, record_quarantine
-from memshift.model import SessionState, text_problem
+from memshift.migrate.bulk import TranscribedState, Transcript, copy_text, merge_states
+from memshift.migrate.quarantine import Quarantined, printable, record_quarantine
+from memshift.model import MAX_ID_BYTES, SessionState, text_problem
 from memshift.redact import redact
 from memshift.sql.migrations import latest_version
 from memshift.sql.queries import query
 from memshift.stores.layouts import Layout, PreparesPostgres, get_layout
+from memshift.stores.layouts.reference import CHILDREN, ReferenceLayout
+from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
 from memshift.stores.redis import RawSession, RedisStore
 
 log = logging.getLogger("memshift.backfill")
@@ -211,67 +229,156 @@ def discover(
     conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, options: BackfillOptions,
     *, stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """SCAN every node from its saved cursor; turn whole pages into batches. ``stop``
-    ends it between pages (a later run goes on from the cursors saved)."""
+    """SCAN every node from its saved cursor; turn whole pages into batches, then (in
+    the reference layout) find the orphans. ``stop`` ends it between pages (a later
+    run goes on from the cursors saved)."""
     layout = store.layout
     cursors = dict(run.scan_cursors)
-    for node, server in _nodes(store.client).items():
-        cursor = cursors.get(node, 0)
-        if cursor == -1:  # this node was scanned to the end already
-            continue
-        buffered: list[str] = []
-        while True:
-            if stop():
+    nodes = _nodes(store.client)
+    for node, server in nodes.items():
+        finders = _Finders(layout.scan_type, layout.session_id_from_key, _flush)
+        if not _scan(conn, store, run, options, server, node, cursors, finders, stop):
+            return
+    if isinstance(layout, BackfillLayout):
+        for node, server in nodes.items():
+            finders = _Finders(None, layout.part_owner, _flush_orphans)
+            if not _scan(conn, store, run, options, server, f"{node} parts", cursors, finders,
+                         stop):
                 return
-            cursor, keys = server.scan(
-                cursor, match=layout.scan_pattern(), count=options.scan_count,
-                _type=layout.scan_type,
-            )
-            for key in keys:
-                sid = layout.session_id_from_key(key if isinstance(key, bytes) else key.encode())
-                if sid is not None:
-                    buffered.append(sid)
-            finished = cursor == 0
-            # A page is flushed whole, with the cursor after it: a restart goes on from
-            # there and finds no id twice (backfill_seen drops repeats that SCAN gives).
-            if len(buffered) >= options.batch_size or finished:
-                cursors[node] = -1 if finished else cursor
-                _flush(conn, store, run, buffered, cursors, options.batch_size)
-                buffered = []
-            if finished:
-                break
     conn.execute(query("backfill_discovered"), {"run_id": run.run_id})
 
 
+@dataclass(frozen=True)
+class _Finders:
+    """What one SCAN looks for: the keys' Redis type (None: any), the session id a key
+    belongs to (None: not one it wants), and what to do with a page of ids (each with
+    the first key found of it)."""
+
+    scan_type: str | None
+    session_id: Callable[[bytes], str | None]
+    flush: Callable[
+        [psycopg.Connection[Any], RedisStore, RunRecord, dict[str, bytes], dict[str, int], int],
+        None,
+    ]
+
+
+def _scan(
+    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, options: BackfillOptions,
+    server: Any, name: str, cursors: dict[str, int], finders: _Finders, stop: Callable[[], bool],
+) -> bool:
+    """One SCAN of one node, saved under ``name`` in the cursors; False if stopped."""
+    cursor = cursors.get(name, 0)
+    if cursor == -1:  # scanned to the end already
+        return True
+    buffered: dict[str, bytes] = {}
+    while True:
+        if stop():
+            return False
+        cursor, keys = server.scan(
+            cursor, match=store.layout.scan_pattern(), count=options.scan_count,
+            _type=finders.scan_type,
+        )
+        for key in keys:
+            raw = key if isinstance(key, bytes) else key.encode()
+            sid = finders.session_id(raw)
+            if sid is not None:
+                buffered.setdefault(sid, raw)
+        finished = cursor == 0
+        # A page is flushed whole, with the cursor after it: a restart goes on from
+        # there and finds no id twice (backfill_seen drops repeats that SCAN gives).
+        if len(buffered) >= options.batch_size or finished:
+            cursors[name] = -1 if finished else cursor
+            finders.flush(conn, store, run, buffered, cursors, options.batch_size)
+            buffered = {}
+        if finished:
+            return True
+
+
 def _flush(
-    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, ids: list[str],
+    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, found: dict[str, bytes],
     cursors: dict[str, int], batch_size: int,
 ) -> None:
     # An id PostgreSQL cannot hold as text (invalid UTF-8, NUL) is quarantined here,
     # with the raw bytes of its keys: it could not be batched, let alone migrated.
-    unfit = sorted({sid for sid in ids if text_problem(sid)})
-    fit = sorted(set(ids).difference(unfit))
+    unfit = sorted(sid for sid in found if text_problem(sid))
     with conn.transaction():
         for read in store.read_sessions(unfit):
             record_quarantine(
                 conn, Quarantined.from_read(read, f"{run.layout}:{run.prefix}"), run.run_id
             )
-        new = [
-            row[0]
-            for row in conn.execute(
-                query("backfill_mark_seen"), {"run_id": run.run_id, "ids": fit}
-            ).fetchall()
-        ]
-        for start in range(0, len(new), batch_size):
-            conn.execute(
-                query("backfill_add_batch"),
-                {"run_id": run.run_id, "ids": new[start : start + batch_size]},
-            )
+        new = _mark_seen(conn, run, found, unfit)
+        _add_batches(conn, run, new, batch_size)
+        _save_cursors(conn, run, cursors, seen=len(new) + len(unfit), quarantined=len(unfit))
+
+
+def _flush_orphans(
+    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, found: dict[str, bytes],
+    cursors: dict[str, int], batch_size: int,
+) -> None:
+    """Quarantine the sessions whose parts are there but not their hash.
+
+    ``found`` maps ids to a part key of each. Those the hash SCAN found are done
+    with; of the others, a session whose hash appeared since that SCAN is batched
+    like any other, one whose keys all vanished is no error.
+    """
+    unfit = sorted(sid for sid in found if text_problem(sid))
+    source = f"{run.layout}:{run.prefix}"
+    with conn.transaction():
+        candidates = [*unfit, *_mark_seen(conn, run, found, unfit)]
+        late: list[str] = []
+        orphans = 0
+        for read in store.read_sessions(candidates):
+            if read.replies and read.replies[0]:  # the hash is there (or another type)
+                if read.session_id not in unfit:  # (the hash SCAN quarantined those)
+                    late.append(read.session_id)
+            elif read.state is not None or read.error is not None:
+                reason = _orphan_reason(read, found[read.session_id])
+                record_quarantine(conn, Quarantined.from_read(read, source, reason), run.run_id)
+                orphans += 1
+        _add_batches(conn, run, late, batch_size)
+        _save_cursors(conn, run, cursors, seen=len(late) + orphans, quarantined=orphans)
+
+
+def _orphan_reason(read: RawSession, key: bytes) -> str:
+    part = key.decode("utf-8", "backslashreplace")
+    owner = part.rsplit(":", 1)[0]
+    reason = (
+        f"session {printable(read.session_id)!r}: key {part!r} has no session hash "
+        f"{owner!r} (legacy code wrote parts of the session without its record); write "
+        "the hash and run `memshift quarantine retry`, or retry as it is to migrate it "
+        "with a placeholder record (status 'active', version 0)"
+    )
+    return f"{reason}; besides, {read.error}" if read.error else reason
+
+
+def _mark_seen(
+    conn: psycopg.Connection[Any], run: RunRecord, found: dict[str, bytes], unfit: list[str]
+) -> list[str]:
+    """The ids of ``found`` (but ``unfit``) that this run had not seen before."""
+    fit = sorted(set(found).difference(unfit))
+    rows = conn.execute(query("backfill_mark_seen"), {"run_id": run.run_id, "ids": fit})
+    return [row[0] for row in rows.fetchall()]
+
+
+def _add_batches(
+    conn: psycopg.Connection[Any], run: RunRecord, ids: list[str], batch_size: int
+) -> None:
+    for start in range(0, len(ids), batch_size):
         conn.execute(
-            query("backfill_save_cursor"),
-            {"run_id": run.run_id, "cursors": Jsonb(cursors), "seen": len(new) + len(unfit),
-             "quarantined": len(unfit)},
+            query("backfill_add_batch"),
+            {"run_id": run.run_id, "ids": ids[start : start + batch_size]},
         )
+
+
+def _save_cursors(
+    conn: psycopg.Connection[Any], run: RunRecord, cursors: dict[str, int], *, seen: int,
+    quarantined: int,
+) -> None:
+    conn.execute(
+        query("backfill_save_cursor"),
+        {"run_id": run.run_id, "cursors": Jsonb(cursors), "seen": seen,
+         "quarantined": quarantined},
+    )
 
 
 # -- workers ---------------------------------------------------------------------------
@@ -314,8 +421,9 @@ def work(
                 state = claims.execute(query("backfill_state"), {"run_id": run.run_id}).fetchone()
                 if state is None or (state[0] != "discovering" and not state[1]):
                     break  # discovery over and nothing claimable or leased
-                # Batches still to come (soon), or leased by a worker that may die.
-                time.sleep(0.05 if state[0] == "discovering" else 0.2)
+                # Batches still to come (soon), or leased by another worker: that one
+                # finishing (or its lease running out) ends the run, so look often.
+                time.sleep(0.05)
                 continue
             batch = read_batch(store, claim[0], claim[1], options)
             if writing is not None:
@@ -422,6 +530,10 @@ def _size(reply: Any) -> int:
         reply = reply.values()
     elif kind is not list and kind is not tuple:
         return 0
+    try:  # a list of values (a transcript): joined in C, not walked in Python
+        return len(b"".join(reply))
+    except TypeError:
+        pass  # something else than bytes in it (stream entries): walk it
     total = 0
     for item in reply:
         total += len(item) if type(item) is bytes else _size(item)
@@ -465,6 +577,135 @@ def write_batch(conn: psycopg.Connection[Any], run: RunRecord, batch: Batch, wor
             # Our lease ran out and another worker did this batch: keep its result.
             raise psycopg.Rollback(tx)
     return finished is not None
+
+
+# -- the transcript lane ---------------------------------------------------------------
+
+
+class BackfillLayout(ReferenceLayout):
+    """The reference layout as the backfill reads it: plain transcripts straight into
+    COPY text, and the keys of a session's parts told apart (to find orphans).
+
+    A session takes the lane when its hash holds both times (otherwise they come from
+    its parts, messages included) and every message is plain (:func:`plain_message`)
+    with an id of its own. Its other keys are read by the layout as always, with an
+    empty transcript: an error in them is the error the whole session would get, since
+    the layout reads the messages before them and they are all fine. Any other session
+    is read by the layout as always.
+    """
+
+    def decode(self, session_id: str, replies: list[Any]) -> SessionState | None:
+        fields, raw_messages = replies[0], replies[1]
+        if not (
+            type(fields) is dict and b"created_at" in fields and b"updated_at" in fields
+            and type(raw_messages) is list and raw_messages
+        ):
+            return super().decode(session_id, replies)
+        ids, lines = [], []
+        for raw in raw_messages:
+            message = plain_message(raw)
+            if message is None:
+                return super().decode(session_id, replies)
+            ids.append(message[0])
+            lines.append(message[1])
+        if len(set(ids)) < len(ids):
+            return super().decode(session_id, replies)  # problems() names the repeated id
+        state = super().decode(session_id, [fields, [], *replies[2:]])
+        assert state is not None  # the hash is there
+        trimmed = state.session.messages_trimmed
+        if trimmed + len(lines) > _MAX_SEQ:
+            return super().decode(session_id, replies)  # which says which seq is too large
+        sid = copy_text(session_id)
+        text = "".join(f"{sid}\t{trimmed + i}\t{line}" for i, line in enumerate(lines))
+        transcript = Transcript(text, len(lines), trimmed + len(lines))
+        return TranscribedState.model_construct(**dict(state), transcript=transcript)
+
+    def part_owner(self, key: bytes) -> str | None:
+        """The id of the session whose part (``...:messages``, ``...:tools``, ...)
+        ``key`` is; None for any other key."""
+        text = key.decode("utf-8", "surrogateescape")
+        head = f"{self.prefix}:session:"
+        if not text.startswith(head):
+            return None
+        owner, _, child = text[len(head) :].rpartition(":")
+        if child not in CHILDREN or not owner:
+            return None
+        if self.hash_tag:
+            if len(owner) < 3 or owner[0] != "{" or owner[-1] != "}":
+                return None
+            return owner[1:-1]
+        return owner
+
+
+_NULL = "\\N"  # NULL in COPY text
+_MESSAGE_MEMBERS = frozenset({"id", "role", "content", "ts", "tool_call_id"})
+# json.dumps with its defaults (", " and ": ", ASCII escapes): how much legacy Python wrote.
+_PYTHON_DEFAULT = json.JSONEncoder()
+_CANONICAL_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_SHORT_ID = MAX_ID_BYTES // 4  # characters that cannot be over MAX_ID_BYTES in UTF-8
+_MAX_SEQ = 2**62  # the bound of a Count in the model
+
+
+def plain_message(raw: Any) -> tuple[str, str] | None:
+    """A message's id, and its COPY text from the message id on, when the full
+    validation would surely accept it as it is; else None.
+
+    Plain: the bytes are exactly what orjson (JSON.stringify, compact ``json.dumps``
+    without ASCII escapes) or ``json.dumps`` with its defaults writes for the object
+    they hold, so no member appears twice; the members are the layout's own (no
+    ``metadata``, nothing unknown), all text (the tool call id may be null) that
+    PostgreSQL can hold, the ids short and not empty, the role 1 to 64 characters,
+    the time readable. orjson refuses invalid UTF-8, and a JSON string holds no
+    control character unescaped: so without a backslash in the bytes, no value holds
+    NUL, a lone surrogate or a character that COPY text escapes.
+    """
+    if type(raw) is not bytes:
+        return None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict or not data.keys() <= _MESSAGE_MEMBERS:
+        return None
+    message_id, role, content = data.get("id"), data.get("role"), data.get("content")
+    call = data.get("tool_call_id")
+    if not (
+        type(message_id) is str and 0 < len(message_id) <= _SHORT_ID
+        and type(role) is str and 0 < len(role) <= 64
+        and type(content) is str
+        and (call is None or (type(call) is str and 0 < len(call) <= _SHORT_ID))
+    ):
+        return None
+    if orjson.dumps(data) != raw and _PYTHON_DEFAULT.encode(data).encode() != raw:
+        return None
+    stamp = _copy_time(data.get("ts"))
+    if stamp is None:
+        return None
+    shown_id, shown_call = message_id, _NULL if call is None else call
+    if b"\\" in raw:  # escapes: maybe a NUL or a lone surrogate, and text to escape
+        if text_problem(f"{message_id}{role}{content}{call or ''}"):
+            return None
+        shown_id, role, content = copy_text(message_id), copy_text(role), copy_text(content)
+        shown_call = _NULL if call is None else copy_text(call)
+    return message_id, f"{shown_id}\t{role}\t{content}\t{stamp}\t{shown_call}\t{{}}\n"
+
+
+def _copy_time(value: Any) -> str | None:
+    """A message time as COPY text (the canonical form), or None when unreadable."""
+    try:
+        if type(value) is str and _CANONICAL_TIME.fullmatch(value):
+            datetime.fromisoformat(value)  # the digits may still be out of range
+            return value
+        return format_timestamp(parse_timestamp(value))
+    except ValueError:
+        return None
+
+
+def _for_backfill(layout: Layout) -> Layout:
+    """The layout with the transcript lane, if it is the reference layout."""
+    if type(layout) is ReferenceLayout:
+        return BackfillLayout(layout.prefix, hash_tag=layout.hash_tag)
+    return layout
 
 
 def retry_quarantine(settings: Settings, entry_ids: Sequence[int] | None = None) -> dict[str, int]:
@@ -534,6 +775,10 @@ def backfill(
                 work(postgres_dsn, store, run, options, stop=failed, on_batch=_throttled(report))
             while not _complete(conn, run, children, on_progress):
                 time.sleep(0.25)
+            # Every batch is done: a child has nothing left to do, and one that is still
+            # starting (importing memshift) would only make the run wait for it.
+            for child in children:
+                child.terminate()
         finally:
             for child in children:
                 child.join(timeout=5)
@@ -565,7 +810,8 @@ def _complete(
 
 @contextmanager
 def _redis(url: str, layout: Layout) -> Iterator[RedisStore]:
-    store = RedisStore(url, layout=layout)  # a cluster client for redis+cluster:// URLs
+    # A cluster client for redis+cluster:// URLs.
+    store = RedisStore(url, layout=_for_backfill(layout))
     try:
         yield store
     finally:
@@ -632,3 +878,43 @@ def _worker_main(settings: Settings, options: BackfillOptions, run: RunRecord) -
     layout = get_layout(options.layout, options.prefix)
     with _redis(settings.redis_url, layout) as store:
         work(settings.postgres_dsn, store, run, options)
+
+
+# -- giving up on a run ----------------------------------------------------------------
+
+# A run that moved this recently may have a live backfill on it (discovery saves its
+# cursors every SCAN page; a copying worker holds a lease on its batch).
+ABANDON_QUIET_SECONDS = 30.0
+
+
+def abandon_run(conn: psycopg.Connection[Any], run_id: int, why: str, *, who: str) -> Summary:
+    """Give up on an unfinished run (``memshift backfill --abandon``), e.g. one started
+    against a wrong Redis URL, which no backfill of the right source would finish: the
+    gates stop waiting for it. Who and why are kept on the run.
+
+    Refused while the run shows a live backfill (a worker's lease, or progress in the
+    last ``ABANDON_QUIET_SECONDS``): that one would go on working on it.
+    """
+    from memshift.errors import ValidationError
+
+    if not why.strip():
+        raise ValidationError("abandoning a backfill run needs a reason (--reason): it is "
+                              "kept with the run, for the audit")
+    params = {"run_id": run_id, "who": who, "why": why, "quiet": ABANDON_QUIET_SECONDS}
+    if conn.execute(query("backfill_abandon"), params).fetchone() is None:
+        raise MemshiftError(_why_not_abandoned(conn, run_id))
+    return run_summary(conn, run_id)
+
+
+def _why_not_abandoned(conn: psycopg.Connection[Any], run_id: int) -> str:
+    row = conn.execute(query("backfill_activity"), {"run_id": run_id}).fetchone()
+    if row is None:
+        return (f"no backfill run {run_id}; `memshift backfill --status` lists the runs")
+    state, idle, lease = row
+    if state not in ("discovering", "copying"):
+        return f"backfill run {run_id} is {state} already: there is nothing to abandon"
+    busy = (f"a worker holds one of its batches until {lease:%H:%M:%S %Z}" if lease
+            else f"it moved {idle:.0f} s ago")
+    return (f"backfill run {run_id} looks alive ({busy}): stop the `memshift backfill` "
+            f"working on it, then try again once it has been still for "
+            f"{ABANDON_QUIET_SECONDS:g} s")

@@ -13,6 +13,11 @@ CONFLICT`` inserts them one by one, speculatively, and staging writes them twice
 A live write that lands between the check and the COPY makes it fail on a unique
 key (or wait for the writer, then fail): the savepoint is rolled back and the group
 takes the staging merge like every other session, so the guards decide as always.
+
+A backfill hands over the plain transcripts it read as lines of COPY text
+(:class:`Transcript`), made straight from the Redis values (see
+:mod:`memshift.migrate.backfill`): the rows are the same, only no ``Message`` is
+built and no row is serialised field by field on the way.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
+from pydantic import ConfigDict
 
 from memshift.model import SessionState
 from memshift.sql.queries import query
@@ -83,6 +89,42 @@ _DIRECT = {
     for table, columns in _DIRECT_COLUMNS.items()
 }
 _EMPTY = Jsonb({}, dumps=lambda _: "{}")  # most records carry no metadata
+# Transcripts go in as COPY text, in these columns (metadata: always the empty object).
+_TRANSCRIPT_COLUMNS = _STAGES["stage_messages"]
+_TRANSCRIPT_COPY = {
+    target: sql.SQL("COPY {} ({}) FROM STDIN").format(
+        table, sql.SQL(", ").join(sql.Identifier(c) for c, _ in _TRANSCRIPT_COLUMNS)
+    )
+    for target, table in (
+        ("stage", sql.Identifier("stage_messages")),
+        ("direct", sql.Identifier("memshift", "messages")),
+    )
+}
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str) -> str:
+    """``value`` as a field of COPY text: backslash, tab, newline and return escaped."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """A session's messages as lines of COPY text in ``_TRANSCRIPT_COLUMNS``' order."""
+
+    text: str  # one line per message, each ending with a newline
+    count: int  # messages
+    next_seq: int  # the seq after the last one (messages_trimmed when there is none)
+
+
+class TranscribedState(SessionState):
+    """A session whose messages come as a :class:`Transcript`; ``messages`` is empty."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    transcript: Transcript
 
 
 def _json(value: dict[str, Any]) -> Jsonb:
@@ -110,6 +152,20 @@ class MergeResult:
         return sum(1 for s in states if s.session_id not in self.changed)
 
 
+def _message_count(state: SessionState) -> int:
+    if isinstance(state, TranscribedState):
+        return state.transcript.count
+    return len(state.messages)
+
+
+def _next_seq(state: SessionState) -> int:
+    """next_seq as the staging merge leaves it on a new session."""
+    if isinstance(state, TranscribedState):
+        return max(state.session.messages_trimmed, state.transcript.next_seq)
+    last_seq = max((m.seq for m in state.messages if m.seq is not None), default=-1)
+    return max(state.session.messages_trimmed, last_seq + 1)
+
+
 def _rows(
     states: Iterable[SessionState], *, counters: bool = False
 ) -> dict[str, list[tuple[Any, ...]]]:
@@ -124,11 +180,10 @@ def _rows(
             s.messages_trimmed, _json(s.metadata), s.expires_at,
         )
         if counters:
-            last_seq = max((m.seq for m in state.messages if m.seq is not None), default=-1)
             last_event = max(
                 (e.event_seq for e in state.events if e.event_seq is not None), default=-1
             )
-            session += (max(s.messages_trimmed, last_seq + 1), last_event + 1)
+            session += (_next_seq(state), last_event + 1)
         rows["stage_sessions"].append(session)
         rows["stage_messages"].extend(
             (sid, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id,
@@ -169,12 +224,24 @@ def _copy(
                 copy.write_row(row)
 
 
+def _copy_transcripts(
+    cur: psycopg.Cursor[Any], target: str, states: Sequence[SessionState]
+) -> int:
+    """COPY the transcripts of ``states`` (into ``stage`` or ``direct``); how many rows."""
+    transcripts = [s.transcript for s in states if isinstance(s, TranscribedState)]
+    if not any(t.count for t in transcripts):
+        return 0
+    with cur.copy(_TRANSCRIPT_COPY[target]) as copy:
+        copy.write("".join(t.text for t in transcripts).encode())
+    return sum(t.count for t in transcripts)
+
+
 def merge_states(conn: psycopg.Connection[Any], states: Sequence[SessionState]) -> MergeResult:
     """Merge ``states`` (one per session id) inside the caller's transaction."""
     result = MergeResult()
     if not states:
         return result
-    result.messages = sum(len(s.messages) for s in states)
+    result.messages = sum(map(_message_count, states))
     fresh = _fresh(conn, [s.session_id for s in states])
     rest = [s for s in states if s.session_id not in fresh]
     if fresh:
@@ -200,6 +267,7 @@ def _insert_fresh(conn: psycopg.Connection[Any], states: Sequence[SessionState])
     try:
         with conn.transaction(), conn.cursor() as cur:
             _copy(cur, _DIRECT, _DIRECT_COLUMNS, _rows(states, counters=True))
+            _copy_transcripts(cur, "direct", states)
     except psycopg.errors.UniqueViolation:
         return False
     return True
@@ -213,7 +281,7 @@ def _merge_staged(
     with conn.cursor() as cur:
         rows = _rows(states)
         _copy(cur, _COPY, _STAGES, rows)
-        staged = len(rows["stage_messages"])
+        staged = len(rows["stage_messages"]) + _copy_transcripts(cur, "stage", states)
         cur.execute(query("bulk_merge_messages"))
         inserted = cur.fetchall()
         result.changed.update(sid for sid, _ in inserted)

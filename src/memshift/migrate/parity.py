@@ -20,6 +20,7 @@ could not run (the session is missing from a store, or a store could not read it
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -121,6 +122,9 @@ class ParityReport:
     parity_status: ParityStatus
     diffs: tuple[Diff, ...]
     checked_at: datetime
+    # Neither store holds the session: the stores agree (it passes), but there is no
+    # session to speak of. Recorded only to supersede an earlier result of that id.
+    in_neither: bool = False
 
     def as_json(self, *, show_values: bool = False) -> dict[str, Any]:
         """The report in the exact shape of DESIGN §5; values redacted by default."""
@@ -215,7 +219,9 @@ def _one_side(
     checks: dict[str, bool | None], checked_at: datetime,
 ) -> ParityReport:
     if redis_state is None and pg_state is None:
-        return error_report(sid, "neither Redis nor PostgreSQL holds this session", checked_at)
+        agree: dict[str, bool | None] = dict.fromkeys((*checks, PRESENCE), True)
+        return ParityReport(sid, agree | {INVARIANTS: None}, "pass", (), checked_at,
+                            in_neither=True)
     if pg_state is None:
         assert redis_state is not None
         diff = Diff(PRESENCE, "session", "present", "absent (not migrated yet?)")
@@ -567,12 +573,18 @@ def _batches(
         random.shuffle(ids)
         yield from (ids[i : i + size] for i in range(0, len(ids), size))
         return
+    # Sessions whose latest result did not pass and that PostgreSQL no longer holds:
+    # those Redis does not list either (gone from both) are checked last, so that the
+    # gate judges what is there now rather than a failure of a session deleted since.
+    unsettled = {row[0] for row in conn.execute(query("parity_unsettled"))}
     yield from _chunks(truth.list_sessions(batch_size=size), size)
     for chunk in _chunks(legacy.list_sessions(batch_size=size), size):
         known = {row[0] for row in conn.execute(query("parity_known"), {"ids": chunk})}
         only_redis = sorted(set(chunk) - known)
+        unsettled.difference_update(only_redis)
         if only_redis:
             yield only_redis
+    yield from _chunks(iter(sorted(unsettled)), size)
 
 
 def _chunks(ids: Iterator[str], size: int) -> Iterator[list[str]]:
@@ -694,7 +706,7 @@ def _judge(read: _Read, checked_at: datetime) -> ParityReport:
     report = check_session(read.redis.state, read.postgres, checked_at=checked_at,
                            projection=read.projection)
     if report.session_id == "?":
-        return ParityReport(sid, report.checks, report.parity_status, report.diffs, checked_at)
+        return dataclasses.replace(report, session_id=sid)
     return report
 
 
@@ -769,7 +781,16 @@ def _state_key(state: SessionState | None) -> str | None:
 
 
 def record(conn: psycopg.Connection[Any], reports: Sequence[ParityReport]) -> None:
-    """Keep the reports in ``memshift.parity_results`` (redacted), in one statement."""
+    """Keep the reports in ``memshift.parity_results`` (redacted), in one statement.
+
+    A session neither store holds is recorded only when it has earlier results (a
+    failure of a session since deleted from both must not hold the gate for ever);
+    an id that never existed (a typo) leaves no trace.
+    """
+    absent = [r.session_id for r in reports if r.in_neither]
+    if absent:
+        seen = {row[0] for row in conn.execute(query("parity_seen"), {"ids": absent})}
+        reports = [r for r in reports if not r.in_neither or r.session_id in seen]
     if not reports:
         return
     conn.execute(

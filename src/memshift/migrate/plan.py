@@ -53,7 +53,10 @@ class Stage(enum.StrEnum):
 
     @property
     def order(self) -> int:
-        return list(Stage).index(self)
+        return _STAGE_ORDER[self]  # every routed read and write asks: no list per call
+
+
+_STAGE_ORDER = {stage: n for n, stage in enumerate(Stage)}
 
 
 class GateRefused(MemshiftError):
@@ -184,13 +187,25 @@ class Gate:
 
 def _backfill_complete(conn: psycopg.Connection[Any]) -> Gate:
     row = conn.execute(query("gate_backfill")).fetchone()
-    completed, unfinished = row if row else (0, 0)
-    passed = completed > 0 and unfinished == 0
+    completed = row[0] if row else 0
+    unfinished = conn.execute(query("gate_backfill_unfinished")).fetchall()
     detail = (
-        f"{completed} completed backfill run(s), {unfinished} unfinished"
+        f"{completed} completed backfill run(s) started after the last move back to "
+        f"redis_only (if any: writes made there reach Redis alone), {len(unfinished)} "
+        "unfinished" + "".join(f"; {_run(*run)}" for run in unfinished)
     )
-    return Gate("backfill complete", passed, detail,
-                "run `memshift backfill` until it reports completed")
+    how = "run `memshift backfill` until it reports completed"
+    if unfinished:
+        how += ("; a run you will not finish (e.g. one started against a wrong Redis URL "
+                "or prefix): `memshift backfill --abandon RUN_ID --reason ...`")
+    return Gate("backfill complete", completed > 0 and not unfinished, detail, how)
+
+
+def _run(run_id: int, source: str, layout: str, prefix: str, state: str,
+         started: datetime) -> str:
+    """An unfinished run as the gate names it (its source is stored redacted)."""
+    return (f"run {run_id} {state} since {started:%Y-%m-%d %H:%M:%S %Z}: {source}, "
+            f"prefix {prefix!r}, layout {layout}")
 
 
 def _repair_queue_empty(conn: psycopg.Connection[Any]) -> Gate:
@@ -203,26 +218,45 @@ def _repair_queue_empty(conn: psycopg.Connection[Any]) -> Gate:
                 "run `memshift repair` until the queue is empty")
 
 
-# The parity gate: the pass rate of the latest judged parity results must reach this.
-PARITY_WINDOW = 500
+def _quarantine_empty(conn: psycopg.Connection[Any]) -> Gate:
+    """Each open quarantine entry is a session missing from PostgreSQL: reading it
+    there, or retiring Redis, would lose it. Retry it, or dismiss it (audited)."""
+    by_source = conn.execute(query("gate_quarantine")).fetchall()
+    total = sum(n for _, n in by_source)
+    detail = f"{total:,} open quarantine entr{'y' if total == 1 else 'ies'}" + (
+        " (" + ", ".join(f"{n:,} from {source}" for source, n in by_source) + ")"
+        if total else "")
+    return Gate(
+        "no open quarantine", total == 0, detail,
+        "see `memshift quarantine list`; fix each session in Redis and run `memshift "
+        "quarantine retry`, or accept its loss with `memshift quarantine dismiss ID ... "
+        "--reason ...`",
+    )
+
+
+# The parity gate: of the sessions checked, this share must pass their latest check.
 PARITY_MIN_PASS_RATE = 99.5  # percent
 
 
 def _parity_pass_rate(conn: psycopg.Connection[Any]) -> Gate:
-    name = f"parity pass rate over the last {PARITY_WINDOW} checks"
-    how = ("run `memshift parity --all`, fix what fails (see its diffs) and run it again "
-           f"until at least {PARITY_MIN_PASS_RATE:g} % pass")
+    name = "parity pass rate (each session's latest check)"
+    how = ("see what fails (`memshift parity --all` shows the diffs), run `memshift repair "
+           "--from-parity`, then `memshift parity --all` again until at least "
+           f"{PARITY_MIN_PASS_RATE:g} % of sessions pass")
     exists = conn.execute("SELECT to_regclass('memshift.parity_results')").fetchone()
     if not exists or exists[0] is None:
         return Gate(name, False, "no parity results table yet", "run `memshift db upgrade`")
-    row = conn.execute(query("gate_parity"), {"window": PARITY_WINDOW}).fetchone()
-    judged, passed = row if row else (0, 0)
+    row = conn.execute(query("gate_parity")).fetchone()
+    judged, passed, errors = row if row else (0, 0, 0)
     if not judged:
-        return Gate(name, False, "no parity results yet", how)
+        return Gate(name, False, "no parity results yet (checks made before the last move "
+                    "back to redis_only do not count: writes made there reach Redis alone)",
+                    how)
     rate = 100.0 * passed / judged
-    detail = f"{rate:.2f} % of the last {judged} judged checks passed"
-    return Gate(name, rate >= PARITY_MIN_PASS_RATE,
-                detail + f" (need {PARITY_MIN_PASS_RATE:g} %)", how)
+    detail = (f"{judged - passed:,} of {judged:,} sessions fail their latest parity check"
+              + (f" ({errors:,} could not be read)" if errors else "")
+              + f" ({rate:.2f} % pass; need {PARITY_MIN_PASS_RATE:g} %)")
+    return Gate(name, rate >= PARITY_MIN_PASS_RATE, detail, how)
 
 
 # The follower gate: in follow mode (a `memshift follow` runs, or died running)
@@ -264,10 +298,11 @@ GateCheck = Callable[[psycopg.Connection[Any]], Gate | None]
 GATES: dict[Stage, tuple[GateCheck, ...]] = {
     Stage.DUAL_WRITE: (),
     Stage.SHADOW: (_backfill_complete, _follower_lag, _parity_when_following),
-    Stage.CUTOVER: (_backfill_complete, _repair_queue_empty, _parity_pass_rate, _follower_lag),
-    Stage.PG_PRIMARY: (_backfill_complete, _repair_queue_empty, _parity_pass_rate,
-                       _follower_lag),
-    Stage.RETIRED: (_repair_queue_empty,),
+    Stage.CUTOVER: (_backfill_complete, _repair_queue_empty, _quarantine_empty,
+                    _parity_pass_rate, _follower_lag),
+    Stage.PG_PRIMARY: (_backfill_complete, _repair_queue_empty, _quarantine_empty,
+                       _parity_pass_rate, _follower_lag),
+    Stage.RETIRED: (_repair_queue_empty, _quarantine_empty),
 }
 
 
@@ -391,6 +426,22 @@ def set_slice(
 
     def mutate(plan: Plan) -> dict[str, Any]:
         return _parts(plan) | {"slices": plan.slices | {read_path: made}}
+
+    return _change(conn, "slice", why, mutate, who=who)
+
+
+def delete_slice(
+    conn: psycopg.Connection[Any], read_path: str, why: str, *, who: str | None = None,
+) -> Plan:
+    """Remove ``read_path``'s slice (e.g. one set for a mistyped path): audited; its reads
+    go to wherever the stage sends reads with no slice."""
+
+    def mutate(plan: Plan) -> dict[str, Any]:
+        if read_path not in plan.slices:
+            raise IllegalMove(f"no slice for read path {read_path!r}; slices: "
+                              f"{', '.join(sorted(plan.slices)) or 'none'}")
+        return _parts(plan) | {"slices": {k: v for k, v in plan.slices.items()
+                                          if k != read_path}}
 
     return _change(conn, "slice", why, mutate, who=who)
 

@@ -3,7 +3,10 @@
 A session with any record that cannot be read or validated is quarantined whole (a
 partly migrated session would resume wrongly): its raw bytes, every key of it, and a
 reason naming the key and what is wrong. ``memshift quarantine retry`` reads it from
-Redis again (after someone fixed it there) and migrates it if it is now valid.
+Redis again (after someone fixed it there) and migrates it if it is now valid;
+``memshift quarantine dismiss`` records that an operator accepts its loss (who, when,
+why). Open entries hold back the gates into cutover, pg_primary and retired: each is a
+session missing from PostgreSQL.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from memshift.errors import MemshiftError
+from memshift.errors import MemshiftError, ValidationError
 from memshift.sql.queries import query
 from memshift.stores.redis import RawSession
 
@@ -52,14 +55,19 @@ class Quarantined:
 
     @classmethod
     def from_read(cls, read: RawSession, source: str, reason: str | None = None) -> Quarantined:
+        """The session as read: ``{key: [{"command", "reply"}, ...]}``, every command's
+        reply kept (a key is read by several: HGETALL, then PTTL, of the session hash)."""
         key = read.session_id.encode("utf-8", "surrogateescape")
-        raw = {
-            printable(str(command[1]) if not isinstance(command[1], bytes)
-                      else command[1].decode("utf-8", "surrogateescape")):
-            {"command": str(command[0]), "reply": _jsonable(reply)}
-            for command, reply in zip(read.commands, read.replies, strict=True)
-        }
+        raw: dict[str, list[dict[str, Any]]] = {}
+        for command, reply in zip(read.commands, read.replies, strict=True):
+            name, target, *args = (_text(part) for part in command)
+            raw.setdefault(printable(target), []).append(
+                {"command": " ".join((name, *args)), "reply": _jsonable(reply)})
         return cls(source, key, printable(read.session_id), reason or read.error or "?", raw)
+
+
+def _text(part: Any) -> str:
+    return part.decode("utf-8", "surrogateescape") if isinstance(part, bytes) else str(part)
 
 
 def record_quarantine(conn: psycopg.Connection[Any], item: Quarantined, run_id: int | None) -> None:
@@ -86,6 +94,9 @@ class QuarantineEntry:
     seen: int
     first_seen: datetime
     last_seen: datetime
+    dismissed_at: datetime | None = None
+    dismissed_by: str | None = None
+    dismissed_reason: str | None = None
 
 
 def entries(
@@ -102,7 +113,8 @@ def entry(conn: psycopg.Connection[Any], entry_id: int) -> dict[str, Any]:
         row = cur.execute(query("quarantine_get"), {"id": entry_id}).fetchone()
     if row is None:
         raise MemshiftError(
-            f"no quarantine entry {entry_id}; `memshift quarantine list` shows the entries"
+            f"no quarantine entry {entry_id}; `memshift quarantine list --all` shows the "
+            "entries"
         )
     row["session_key"] = bytes(row["session_key"])
     return row
@@ -110,3 +122,33 @@ def entry(conn: psycopg.Connection[Any], entry_id: int) -> dict[str, Any]:
 
 def resolve(conn: psycopg.Connection[Any], source: str, session_key: bytes) -> None:
     conn.execute(query("quarantine_resolve"), {"source": source, "session_key": session_key})
+
+
+def dismiss(
+    conn: psycopg.Connection[Any], entry_ids: list[int], why: str, *, who: str
+) -> list[int]:
+    """Accept that these sessions are not migrated: each open entry becomes
+    ``dismissed``, with who, when and why kept; returns the ids dismissed now.
+
+    A dismissed session stays missing from PostgreSQL: after ``retired`` it reads as
+    absent. So this needs a reason, and refuses ids that are not open entries (with
+    what they are) before it changes anything.
+    """
+    if not why.strip():
+        raise ValidationError("dismissing a quarantine entry needs a reason (--reason): it "
+                              "is kept with the entry, for the audit")
+    with conn.transaction():
+        done = [row[0] for row in conn.execute(
+            query("quarantine_dismiss"), {"ids": entry_ids, "who": who, "why": why})]
+        refused = [i for i in dict.fromkeys(entry_ids) if i not in done]
+        if refused:
+            raise MemshiftError("; ".join(_not_open(conn, i) for i in refused)
+                                + ": nothing was dismissed")
+    return done
+
+
+def _not_open(conn: psycopg.Connection[Any], entry_id: int) -> str:
+    try:
+        return f"quarantine entry {entry_id} is {entry(conn, entry_id)['state']}, not open"
+    except MemshiftError as missing:
+        return str(missing)

@@ -18,6 +18,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 if TYPE_CHECKING:
     from memshift.migrate.backfill import Summary
@@ -26,15 +27,23 @@ LOG_EVERY = 10.0  # seconds between plain progress lines when not on a terminal
 
 
 def bar(console: Console, *, quiet: bool = False) -> Progress:
-    """A progress bar with a free-text rate column; disabled when quiet or not a tty."""
+    """A progress bar with a free-text rate column; disabled when quiet or not a tty.
+
+    Compact so that an 80-column terminal shows the counts whole: the bar takes the
+    width the text leaves, the description and rate may be cut (with "…"), the counts,
+    percentage and time left never are.
+    """
     return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
+        TextColumn("{task.description}",
+                   table_column=Column(no_wrap=True, overflow="ellipsis", ratio=2)),
+        BarColumn(bar_width=None, table_column=Column(ratio=1)),
+        MofNCompleteColumn(table_column=Column(no_wrap=True)),
+        TaskProgressColumn(table_column=Column(no_wrap=True)),
+        TextColumn("{task.fields[rate]}",
+                   table_column=Column(no_wrap=True, overflow="ellipsis", ratio=2)),
+        TimeRemainingColumn(compact=True, table_column=Column(no_wrap=True, width=5)),
         console=console,
+        expand=True,
         disable=quiet or not console.is_terminal,
     )
 
@@ -54,6 +63,7 @@ class BackfillProgress:
         self._bar = bar(console, quiet=quiet)
         self._task: TaskID | None = None
         self._last_line = 0.0
+        self._told_finished = False  # the backfill reports its last summary more than once
 
     def __enter__(self) -> BackfillProgress:
         self._bar.__enter__()
@@ -68,18 +78,20 @@ class BackfillProgress:
     def update(self, summary: Summary) -> None:
         done, seen = summary.sessions_done, summary.sessions_seen
         seconds = max(summary.seconds, 1e-9)
-        rate = f"{done / seconds:,.0f} sessions/s · {summary.messages / seconds:,.0f} messages/s"
+        rate = f"{done / seconds:,.0f} sessions/s · {summary.messages / seconds:,.0f} msg/s"
         phase = "discovering + copying" if summary.state == "discovering" else "copying"
         if self._task is None:
             self._task = self._bar.add_task(f"backfill run {summary.run_id}", total=seen or None,
                                             rate=rate)
         self._bar.update(self._task, completed=done, total=seen or None, rate=rate,
                          description=f"backfill run {summary.run_id} ({phase})")
-        if self._quiet or self._console.is_terminal:
+        if self._quiet or self._console.is_terminal or self._told_finished:
             return
         now = time.monotonic()
-        if now - self._last_line >= LOG_EVERY or summary.state == "completed":
+        finished = summary.state == "completed"
+        if now - self._last_line >= LOG_EVERY or finished:
             self._last_line = now
+            self._told_finished = finished
             self._console.print(
                 f"backfill run {summary.run_id}: {summary.state}, {done:,}/{seen:,} sessions, "
                 f"{summary.messages:,} messages, {rate}, {summary.quarantined:,} quarantined",

@@ -523,14 +523,30 @@ INSERT INTO memshift.quarantine AS q (source, session_key, session_id, reason, r
 VALUES (%(source)s, %(session_key)s, %(session_id)s, %(reason)s, %(raw)s, %(run_id)s)
 ON CONFLICT (source, session_key) DO UPDATE SET
     reason = excluded.reason, raw = excluded.raw, run_id = excluded.run_id,
-    state = 'open', resolved_at = NULL, seen = q.seen + 1, last_seen = now()
+    -- A dismissed session still bad in the same way stays dismissed; bad in another
+    -- way (or bad again once resolved), it is open again.
+    state = CASE WHEN q.state = 'dismissed' AND q.reason = excluded.reason
+                 THEN 'dismissed' ELSE 'open' END,
+    resolved_at = NULL, seen = q.seen + 1, last_seen = now()
 
 -- name: quarantine_resolve
+-- A dismissed entry whose session migrates after all is resolved too.
 UPDATE memshift.quarantine SET state = 'resolved', resolved_at = now()
- WHERE source = %(source)s AND session_key = %(session_key)s AND state = 'open'
+ WHERE source = %(source)s AND session_key = %(session_key)s
+   AND state IN ('open', 'dismissed')
+
+-- name: quarantine_dismiss
+-- The operator accepts that these sessions are not migrated: who, when and why are
+-- kept. Returns the entries dismissed now (open ones; the others are left as they are).
+UPDATE memshift.quarantine
+   SET state = 'dismissed', dismissed_at = now(), dismissed_by = %(who)s,
+       dismissed_reason = %(why)s
+ WHERE id = ANY(%(ids)s) AND state = 'open'
+RETURNING id
 
 -- name: quarantine_list
-SELECT id, source, session_id, reason, state, seen, first_seen, last_seen
+SELECT id, source, session_id, reason, state, seen, first_seen, last_seen, dismissed_at,
+       dismissed_by, dismissed_reason
   FROM memshift.quarantine
  WHERE (%(state)s::text IS NULL OR state = %(state)s)
  ORDER BY last_seen DESC, id DESC
@@ -538,7 +554,7 @@ SELECT id, source, session_id, reason, state, seen, first_seen, last_seen
 
 -- name: quarantine_get
 SELECT id, source, session_key, session_id, reason, raw, run_id, state, seen, first_seen,
-       last_seen, resolved_at
+       last_seen, resolved_at, dismissed_at, dismissed_by, dismissed_reason
   FROM memshift.quarantine WHERE id = %(id)s
 
 -- ---------------------------------------------------------------------------------
@@ -566,10 +582,49 @@ SELECT id, version, at, who, why, action, forced, before, after
   FROM memshift.plan_audit ORDER BY id DESC LIMIT %(limit)s
 
 -- name: gate_backfill
--- Whether a backfill has completed, and whether one is still unfinished.
-SELECT count(*) FILTER (WHERE state = 'completed'),
-       count(*) FILTER (WHERE state IN ('discovering', 'copying'))
+-- How many backfills have completed. A run started before the Plan last moved back to
+-- redis_only does not count: the writes made there since reached Redis alone.
+SELECT count(*) FILTER (WHERE state = 'completed' AND started_at > coalesce(
+           (SELECT max(a.at) FROM memshift.plan_audit a
+             WHERE a.after ->> 'stage' = 'redis_only'
+               AND a.before ->> 'stage' IS DISTINCT FROM 'redis_only'), '-infinity'))
   FROM memshift.backfill_runs
+
+-- name: gate_backfill_unfinished
+-- The unfinished runs, each with its source, so an operator can tell which to finish
+-- and which to abandon (one started against a wrong Redis URL, say).
+SELECT run_id, source, layout, prefix, state, started_at
+  FROM memshift.backfill_runs
+ WHERE state IN ('discovering', 'copying')
+ ORDER BY run_id
+
+-- name: backfill_abandon
+-- An operator gives up on an unfinished run: who and why are kept, and the gates no
+-- longer wait for it. Refused (no row) while a worker holds one of its batches or the
+-- run moved in the last %(quiet)s seconds: a live backfill would go on working on it.
+UPDATE memshift.backfill_runs r
+   SET state = 'abandoned', finished_at = now(), updated_at = now(),
+       abandoned_by = %(who)s, abandoned_reason = %(why)s
+ WHERE run_id = %(run_id)s AND state IN ('discovering', 'copying')
+   AND updated_at < now() - make_interval(secs => %(quiet)s)
+   AND NOT EXISTS (SELECT 1 FROM memshift.backfill_batches b
+                    WHERE b.run_id = r.run_id AND b.state = 'pending'
+                      AND b.lease_until > now())
+RETURNING run_id
+
+-- name: backfill_activity
+-- Why a run cannot be abandoned: its state, seconds since it moved, and the latest
+-- lease a worker holds on one of its batches (NULL when none).
+SELECT r.state, extract(epoch FROM now() - r.updated_at)::float8,
+       (SELECT max(b.lease_until) FROM memshift.backfill_batches b
+         WHERE b.run_id = r.run_id AND b.state = 'pending' AND b.lease_until > now())
+  FROM memshift.backfill_runs r WHERE r.run_id = %(run_id)s
+
+-- name: gate_quarantine
+-- Open quarantine entries by source: each is a session missing from PostgreSQL.
+SELECT source, count(*) FROM memshift.quarantine
+ WHERE state = 'open'
+ GROUP BY source ORDER BY source
 
 -- ---------------------------------------------------------------------------------
 -- The repair queue.
@@ -639,13 +694,40 @@ SELECT session_id FROM memshift.sessions ORDER BY random() LIMIT %(limit)s
 -- Which of these ids PostgreSQL holds (to skip, in Redis's pass, ids checked already).
 SELECT session_id FROM memshift.sessions WHERE session_id = ANY(%(ids)s)
 
--- name: gate_parity
--- The latest judged results (pending ones are not judged yet): how many, how many passed.
-SELECT count(*), count(*) FILTER (WHERE status = 'pass')
-  FROM (SELECT status FROM memshift.parity_results
+-- name: parity_seen
+-- Which of these ids have parity results already.
+SELECT DISTINCT session_id FROM memshift.parity_results WHERE session_id = ANY(%(ids)s)
+
+-- name: parity_unsettled
+-- Sessions whose latest judged result did not pass and that PostgreSQL does not hold.
+SELECT session_id
+  FROM (SELECT DISTINCT ON (session_id) session_id, status
+          FROM memshift.parity_results
          WHERE status <> 'pending'
-         ORDER BY checked_at DESC, id DESC
-         LIMIT %(window)s) AS latest
+         ORDER BY session_id, checked_at DESC, id DESC) AS latest
+ WHERE status <> 'pass'
+   AND NOT EXISTS (SELECT 1 FROM memshift.sessions s WHERE s.session_id = latest.session_id)
+
+-- name: gate_parity
+-- Each session's latest judged result (pending ones are not judged yet), among those
+-- checked after the Plan last moved back to redis_only (writes made there reached
+-- Redis alone, so an earlier result says nothing of PostgreSQL now; as gate_backfill):
+-- how many sessions, how many pass, how many could not be read (error). A session's
+-- older results never count: one failure stays until that session passes, however
+-- many others pass meanwhile. A session whose loss an operator accepted (a dismissed
+-- quarantine entry) is not counted: it is missing from PostgreSQL on purpose.
+WITH since AS (
+    SELECT coalesce(max(at), '-infinity') AS at FROM memshift.plan_audit
+     WHERE after ->> 'stage' = 'redis_only' AND before ->> 'stage' <> 'redis_only'
+)
+SELECT count(*), count(*) FILTER (WHERE status = 'pass'),
+       count(*) FILTER (WHERE status = 'error')
+  FROM (SELECT DISTINCT ON (r.session_id) r.session_id, r.status
+          FROM memshift.parity_results r, since
+         WHERE r.status <> 'pending' AND r.checked_at > since.at
+         ORDER BY r.session_id, r.checked_at DESC, r.id DESC) AS latest
+ WHERE NOT EXISTS (SELECT 1 FROM memshift.quarantine q
+                    WHERE q.session_id = latest.session_id AND q.state = 'dismissed')
 
 -- ---------------------------------------------------------------------------------
 -- Rollback rule.
@@ -702,11 +784,19 @@ DELETE FROM memshift.sessions WHERE session_id IN (SELECT session_id FROM ids)
 -- Metrics (issue 7): the state collector of observe/metrics.py, read at each scrape.
 
 -- name: metrics_parity_latest
--- The latest results by status: the window the stage gates read (pending included).
+-- Sessions by the status of their latest result (pending included), among the results
+-- the parity gate reads (see gate_parity).
+WITH since AS (
+    SELECT coalesce(max(at), '-infinity') AS at FROM memshift.plan_audit
+     WHERE after ->> 'stage' = 'redis_only' AND before ->> 'stage' <> 'redis_only'
+)
 SELECT status, count(*)
-  FROM (SELECT status FROM memshift.parity_results
-         ORDER BY checked_at DESC, id DESC
-         LIMIT %(window)s) AS latest
+  FROM (SELECT DISTINCT ON (r.session_id) r.session_id, r.status
+          FROM memshift.parity_results r, since
+         WHERE r.checked_at > since.at
+         ORDER BY r.session_id, r.checked_at DESC, r.id DESC) AS latest
+ WHERE NOT EXISTS (SELECT 1 FROM memshift.quarantine q
+                    WHERE q.session_id = latest.session_id AND q.state = 'dismissed')
  GROUP BY status
 
 -- name: metrics_parity_recent
@@ -797,7 +887,8 @@ SELECT id, session_id, target, operation, error, enqueued_at, attempts, last_err
 
 -- name: quarantine_of_session
 -- One session's quarantine entries (by its printable id), from any source.
-SELECT id, source, session_id, reason, state, seen, first_seen, last_seen
+SELECT id, source, session_id, reason, state, seen, first_seen, last_seen, dismissed_at,
+       dismissed_by, dismissed_reason
   FROM memshift.quarantine
  WHERE session_id = %(session_id)s
  ORDER BY last_seen DESC, id DESC
@@ -889,7 +980,8 @@ WITH applied AS (
        SET digest = excluded.digest, applied_at = now(), gone_at = NULL
 )
 UPDATE memshift.quarantine SET state = 'resolved', resolved_at = now()
- WHERE source = %(source)s AND session_key = ANY(%(resolved)s::bytea[]) AND state = 'open'
+ WHERE source = %(source)s AND session_key = ANY(%(resolved)s::bytea[])
+   AND state IN ('open', 'dismissed')
 
 -- name: follow_record_gone
 INSERT INTO memshift.follow_sessions (follower_id, session_key, digest, gone_at)
