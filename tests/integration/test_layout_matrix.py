@@ -419,21 +419,23 @@ def test_a_write_through_a_router_over_langgraph_is_refused_saying_what_to_do(
     conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "from pg_primary on, PostgreSQL leads writes: the router writes memshift's truth "
-    "before Redis refuses (in pg_primary it then queues a repair into Redis that fails on "
-    "every run); the fix belongs in migrating.py: refuse before the primary's write"))
-@pytest.mark.parametrize("stage", [Stage.PG_PRIMARY, Stage.RETIRED])
-def test_a_write_through_a_router_over_langgraph_is_refused_once_postgres_leads(
-    threads: tuple[Settings, str, str], pg_dsn: str, tmp_path: Path, stage: Stage,
+def test_a_write_through_a_router_over_langgraph_is_refused_in_pg_primary_before_postgres(
+    threads: tuple[Settings, str, str], pg_dsn: str, tmp_path: Path,
 ) -> None:
+    """PostgreSQL leads writes in pg_primary: the router must refuse what Redis can never
+    hold before PostgreSQL takes it (else a repair into Redis fails on every run)."""
     config, moved, _ = threads
     conn = psycopg.connect(pg_dsn, autocommit=True)
-    plan = StaticPlan(load_plan(conn).model_copy(update={"stage": stage}))
+    plan = StaticPlan(load_plan(conn).model_copy(update={"stage": Stage.PG_PRIMARY}))
     router = langgraph_router(config, plan, tmp_path / "spool")
     try:
+        before = latest_in_postgres_saver(pg_dsn, moved)
         with pytest.raises(NotInLayout, match="only reads RedisSaver's keys"):
-            router.put_checkpoint(moved, Checkpoint(checkpoint_id="c", step=1))
+            router.put_checkpoint(moved, Checkpoint(checkpoint_id="c", step=99))
+        assert latest_in_postgres_saver(pg_dsn, moved) == before
+        assert conn.execute("SELECT count(*) FROM memshift.checkpoints WHERE session_id = %s "
+                            "AND checkpoint_id = 'c'", (moved,)).fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM memshift.repair_queue").fetchone() == (0,)
     finally:
         router.close()
         conn.close()

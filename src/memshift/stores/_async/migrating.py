@@ -83,6 +83,7 @@ from memshift.model import (
 from memshift.observe import metrics
 from memshift.redact import redact
 from memshift.stores.base import AsyncStore, Outcome
+from memshift.stores.layouts import Layout
 from memshift.stores.routing import Compare, ReadReason, ReadResult, ReadSource, RouterStats
 
 from ._clients import Background, Periodic, run_blocking
@@ -156,6 +157,8 @@ class AsyncMigratingStore:
             raise ConfigError(f"secondary_timeout must be a number of seconds above 0; got "
                               f"{secondary_timeout!r}")
         self._redis = redis
+        # False for a framework's keys, which hold only some parts of a session.
+        self._redis_holds_every_part: bool = getattr(redis.layout, "holds_every_part", True)
         self._postgres = postgres
         self._plan = plan
         self._secondary_timeout = secondary_timeout
@@ -219,8 +222,17 @@ class AsyncMigratingStore:
             return _other(primary), primary
         return primary, secondary
 
-    async def _writers(self, session_id: str) -> tuple[AsyncStore, AsyncStore | None]:
+    async def _writers(
+        self, session_id: str, redis_call: Callable[[Layout], object]
+    ) -> tuple[AsyncStore, AsyncStore | None]:
+        """The stores that lead and follow this write. A layout that holds only some
+        parts of a session (a framework's keys) refuses the others (NotInLayout) before
+        anything is written: as the primary it does so itself; as the secondary,
+        ``redis_call`` builds its write here first, so that PostgreSQL never takes a
+        write that Redis can never be repaired with."""
         primary, secondary = await self.write_route(session_id)
+        if secondary == "redis" and not self._redis_holds_every_part:
+            redis_call(self._redis.layout)
         return self._store(primary), None if secondary is None else self._store(secondary)
 
     # -- reads ------------------------------------------------------------------------
@@ -462,7 +474,8 @@ class AsyncMigratingStore:
 
     async def save_session(self, session: Session | Mapping[str, Any]) -> Outcome:
         record: Session = coerce(Session, session, session_id=None, where="save_session")
-        primary, secondary = await self._writers(record.session_id)
+        primary, secondary = await self._writers(
+            record.session_id, lambda layout: layout.save_session(record, 0))
         async with self._primary(primary, "save_session", record.session_id):
             outcome = await primary.save_session(record)
         if secondary is not None:
@@ -477,7 +490,8 @@ class AsyncMigratingStore:
     ) -> Message:
         sid = check_session_id(session_id)
         record: Message = coerce(Message, message, session_id=sid, where="append_message")
-        primary, secondary = await self._writers(sid)
+        primary, secondary = await self._writers(
+            sid, lambda layout: layout.append_message(sid, record, 0))
         async with self._primary(primary, "append_message", sid):
             stored = await primary.append_message(sid, record)
         if secondary is not None:
@@ -490,7 +504,8 @@ class AsyncMigratingStore:
     async def upsert_tool_run(self, session_id: str, run: ToolRun | Mapping[str, Any]) -> ToolRun:
         sid = check_session_id(session_id)
         record: ToolRun = coerce(ToolRun, run, session_id=sid, where="upsert_tool_run")
-        primary, secondary = await self._writers(sid)
+        primary, secondary = await self._writers(
+            sid, lambda layout: layout.upsert_tool_run(sid, record, 0))
         async with self._primary(primary, "upsert_tool_run", sid):
             merged = await primary.upsert_tool_run(sid, record)
         if secondary is not None:
@@ -505,7 +520,8 @@ class AsyncMigratingStore:
     ) -> Outcome:
         sid = check_session_id(session_id)
         record: MemorySummary = coerce(MemorySummary, summary, session_id=sid, where="put_summary")
-        primary, secondary = await self._writers(sid)
+        primary, secondary = await self._writers(
+            sid, lambda layout: layout.put_summary(sid, record, 0))
         async with self._primary(primary, "put_summary", sid):
             outcome = await primary.put_summary(sid, record)
         if secondary is not None:
@@ -520,7 +536,8 @@ class AsyncMigratingStore:
     ) -> Outcome:
         sid = check_session_id(session_id)
         record: Checkpoint = coerce(Checkpoint, checkpoint, session_id=sid, where="put_checkpoint")
-        primary, secondary = await self._writers(sid)
+        primary, secondary = await self._writers(
+            sid, lambda layout: layout.put_checkpoint(sid, record, 0))
         async with self._primary(primary, "put_checkpoint", sid):
             outcome = await primary.put_checkpoint(sid, record)
         if secondary is not None:
@@ -539,7 +556,8 @@ class AsyncMigratingStore:
         data: Mapping[str, Any] | None = None,
     ) -> StatusChange:
         sid = check_session_id(session_id)
-        primary, secondary = await self._writers(sid)
+        primary, secondary = await self._writers(
+            sid, lambda layout: layout.set_status(sid, status, "", "{}", 0))
         async with self._primary(primary, "set_status", sid):
             change = await primary.set_status(sid, status, at=at, data=data)
         if secondary is not None:
@@ -554,7 +572,8 @@ class AsyncMigratingStore:
         record: StatusChange = coerce(
             StatusChange, change, session_id=None, where="apply_status_change"
         )
-        primary, secondary = await self._writers(record.session.session_id)
+        primary, secondary = await self._writers(
+            record.session.session_id, lambda layout: layout.apply_status_change(record, 0))
         async with self._primary(primary, "apply_status_change", record.session.session_id):
             outcome = await primary.apply_status_change(record)
         if secondary is not None:

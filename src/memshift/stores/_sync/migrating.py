@@ -84,6 +84,7 @@ from memshift.model import (
 from memshift.observe import metrics
 from memshift.redact import redact
 from memshift.stores.base import Store, Outcome
+from memshift.stores.layouts import Layout
 from memshift.stores.routing import Compare, ReadReason, ReadResult, ReadSource, RouterStats
 
 from ._clients import Background, Periodic, run_blocking
@@ -157,6 +158,8 @@ class MigratingStore:
             raise ConfigError(f"secondary_timeout must be a number of seconds above 0; got "
                               f"{secondary_timeout!r}")
         self._redis = redis
+        # False for a framework's keys, which hold only some parts of a session.
+        self._redis_holds_every_part: bool = getattr(redis.layout, "holds_every_part", True)
         self._postgres = postgres
         self._plan = plan
         self._secondary_timeout = secondary_timeout
@@ -220,8 +223,17 @@ class MigratingStore:
             return _other(primary), primary
         return primary, secondary
 
-    def _writers(self, session_id: str) -> tuple[Store, Store | None]:
+    def _writers(
+        self, session_id: str, redis_call: Callable[[Layout], object]
+    ) -> tuple[Store, Store | None]:
+        """The stores that lead and follow this write. A layout that holds only some
+        parts of a session (a framework's keys) refuses the others (NotInLayout) before
+        anything is written: as the primary it does so itself; as the secondary,
+        ``redis_call`` builds its write here first, so that PostgreSQL never takes a
+        write that Redis can never be repaired with."""
         primary, secondary = self.write_route(session_id)
+        if secondary == "redis" and not self._redis_holds_every_part:
+            redis_call(self._redis.layout)
         return self._store(primary), None if secondary is None else self._store(secondary)
 
     # -- reads ------------------------------------------------------------------------
@@ -463,7 +475,8 @@ class MigratingStore:
 
     def save_session(self, session: Session | Mapping[str, Any]) -> Outcome:
         record: Session = coerce(Session, session, session_id=None, where="save_session")
-        primary, secondary = self._writers(record.session_id)
+        primary, secondary = self._writers(
+            record.session_id, lambda layout: layout.save_session(record, 0))
         with self._primary(primary, "save_session", record.session_id):
             outcome = primary.save_session(record)
         if secondary is not None:
@@ -478,7 +491,8 @@ class MigratingStore:
     ) -> Message:
         sid = check_session_id(session_id)
         record: Message = coerce(Message, message, session_id=sid, where="append_message")
-        primary, secondary = self._writers(sid)
+        primary, secondary = self._writers(
+            sid, lambda layout: layout.append_message(sid, record, 0))
         with self._primary(primary, "append_message", sid):
             stored = primary.append_message(sid, record)
         if secondary is not None:
@@ -491,7 +505,8 @@ class MigratingStore:
     def upsert_tool_run(self, session_id: str, run: ToolRun | Mapping[str, Any]) -> ToolRun:
         sid = check_session_id(session_id)
         record: ToolRun = coerce(ToolRun, run, session_id=sid, where="upsert_tool_run")
-        primary, secondary = self._writers(sid)
+        primary, secondary = self._writers(
+            sid, lambda layout: layout.upsert_tool_run(sid, record, 0))
         with self._primary(primary, "upsert_tool_run", sid):
             merged = primary.upsert_tool_run(sid, record)
         if secondary is not None:
@@ -506,7 +521,8 @@ class MigratingStore:
     ) -> Outcome:
         sid = check_session_id(session_id)
         record: MemorySummary = coerce(MemorySummary, summary, session_id=sid, where="put_summary")
-        primary, secondary = self._writers(sid)
+        primary, secondary = self._writers(
+            sid, lambda layout: layout.put_summary(sid, record, 0))
         with self._primary(primary, "put_summary", sid):
             outcome = primary.put_summary(sid, record)
         if secondary is not None:
@@ -521,7 +537,8 @@ class MigratingStore:
     ) -> Outcome:
         sid = check_session_id(session_id)
         record: Checkpoint = coerce(Checkpoint, checkpoint, session_id=sid, where="put_checkpoint")
-        primary, secondary = self._writers(sid)
+        primary, secondary = self._writers(
+            sid, lambda layout: layout.put_checkpoint(sid, record, 0))
         with self._primary(primary, "put_checkpoint", sid):
             outcome = primary.put_checkpoint(sid, record)
         if secondary is not None:
@@ -540,7 +557,8 @@ class MigratingStore:
         data: Mapping[str, Any] | None = None,
     ) -> StatusChange:
         sid = check_session_id(session_id)
-        primary, secondary = self._writers(sid)
+        primary, secondary = self._writers(
+            sid, lambda layout: layout.set_status(sid, status, "", "{}", 0))
         with self._primary(primary, "set_status", sid):
             change = primary.set_status(sid, status, at=at, data=data)
         if secondary is not None:
@@ -555,7 +573,8 @@ class MigratingStore:
         record: StatusChange = coerce(
             StatusChange, change, session_id=None, where="apply_status_change"
         )
-        primary, secondary = self._writers(record.session.session_id)
+        primary, secondary = self._writers(
+            record.session.session_id, lambda layout: layout.apply_status_change(record, 0))
         with self._primary(primary, "apply_status_change", record.session.session_id):
             outcome = primary.apply_status_change(record)
         if secondary is not None:

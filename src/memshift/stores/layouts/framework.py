@@ -55,6 +55,7 @@ class FrameworkLayout:
     keeper: ClassVar[str]  # e.g. "RedisChatStore", as the refusal names it
     kept: ClassVar[str] = "messages"
     tool_runs: ClassVar[str] = "tool runs"  # what the framework calls them
+    holds_every_part: ClassVar[bool] = False  # the router checks writes against it first
 
     def refuse(self, session_id: str, what: str) -> NoReturn:
         raise NotInLayout(

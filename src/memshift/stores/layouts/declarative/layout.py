@@ -63,6 +63,9 @@ class DeclarativeLayout:
     file's path), so that jobs started from a router's settings find the same layout.
     """
 
+    # A description may leave parts out (they are refused): the router checks first.
+    holds_every_part = False
+
     def __init__(self, spec: LayoutSpec, prefix: str = _MEMSHIFT_DEFAULT_PREFIX, *,
                  name: str | None = None) -> None:
         self.spec = spec
