@@ -1,29 +1,47 @@
-"""The backfill's speed against a raw COPY and a per-row INSERT loop, and its peak memory.
+"""The backfill's speed against raw COPYs and a per-row INSERT loop, and its peak memory.
 
 Sessions are generated straight into Redis in the reference layout (pipelined raw
 commands, not memshift's Lua writes). Then, in the same run, on the same scratch
 database, interleaved round by round (the order flips each round):
 
-- ``raw COPY``: the sessions' message rows, serialised to COPY text in memory
-  beforehand, copied into a plain logged table with the columns and primary key of
-  ``memshift.messages``; only the COPY and its commit are timed.
-- ``INSERT loop``: the naive migration loop, the baseline of the goal: the first
-  ``--insert-rows`` of those rows, one ``INSERT`` statement and one commit per row
-  (autocommit: no executemany, no COPY, no transaction around them) into the same
-  table, as a script that moves rows one by one does. Two other commit patterns are
-  timed for information, on ten times as many rows: a commit after each session's
-  rows, and one commit at the end (the fastest an INSERT loop can be).
+- ``raw COPY, same rows``: the baseline of the COPY goal. Every row the backfill
+  writes for the sessions' data (session, messages, tool runs, summary, checkpoint,
+  events: 58 rows a 50-message session), COPYed ``TO STDOUT`` (binary) out of
+  memshift's tables after an untimed backfill, and each round, after a ``TRUNCATE``,
+  COPYed back ``FROM STDIN`` from those bytes into the same tables (same definitions,
+  indexes and constraints), table after table in one transaction; only the COPYs and
+  the commit are timed. Its rate is per message (all messages / time), like the
+  backfill's. The backfill's own bookkeeping (a ``backfill_seen`` row a session, a
+  row a batch and one for the run) is left out: it is the price of resuming, not
+  data, and leaving it out keeps the bar a little higher.
+- ``raw COPY, messages only``: for information, the floor of what PostgreSQL can
+  ingest: only the message rows, serialised to COPY text in memory beforehand, copied
+  into ``bench_messages``, a bare logged table with the columns and primary key of
+  ``memshift.messages`` (no UNIQUE (session_id, message_id), no metadata column, no
+  other table).
+- ``INSERT loop``: the naive migration loop, the baseline of the INSERT goal: the
+  first ``--insert-rows`` message rows, one ``INSERT`` statement and one commit per
+  row (autocommit: no executemany, no COPY, no transaction around them) into
+  ``bench_messages``, as a script that moves rows one by one does. Two other commit
+  patterns are timed for information, on ten times as many rows: a commit after each
+  session's rows, and one commit at the end (the fastest an INSERT loop can be).
 - ``backfill, N workers``: ``memshift.migrate.backfill.backfill`` of every session
   into emptied memshift tables, with 1 and with 2 workers.
 
 Goals: backfill >= 0.50x raw COPY and >= 20x the INSERT loop, in messages/s, with 1
-and with 2 workers. The goal's INSERT loop commits per row, because only then can
-both goals be meant at once: raw COPY is only some 13x to 25x a loop that commits per
-session (13x when this was decided), so 20x that loop would be about 1.5x raw COPY,
-faster than the COPY a backfill itself ends in; against a loop that commits per row
-(about 100x slower than raw COPY) 20x is a bar below 0.50x raw COPY, as a second goal
-should be. Then each of ``--rss-sizes`` (messages) is backfilled with one worker in a
-child process, whose peak RSS is read when it ends; goal: largest / smallest <= 1.2.
+and with 2 workers. The goal's raw COPY is the one of the same rows into the same
+tables: the issue asks for "a raw COPY of the same rows", and the rows the product
+must write are those six tables' rows, not the messages alone; the messages-only
+COPY (1.6x to 2.1x as fast) would charge the backfill for five more tables and a
+second unique index on messages that any copy of this data must write too. Both
+ratios are printed. The goal's INSERT loop commits per row, because only then can
+both goals be meant at once: the same-rows COPY is some 9x to 22x a loop that
+commits per session (the messages-only COPY 13x to 46x), so 20x that loop would be
+about as fast as the COPY itself or faster; against a loop that commits per row (65x
+to 200x slower than the same-rows COPY, as the machine's fsync allows) 20x is a bar
+below 0.50x raw COPY, as a second goal should be. Then each of ``--rss-sizes``
+(messages) is backfilled with one worker in a child process, whose peak RSS is read
+when it ends; goal: largest / smallest <= 1.2.
 
 It makes its own scratch database (dropped at the end) and Redis key prefix (deleted
 at the end). See bench/README.md.
@@ -44,7 +62,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -69,6 +87,9 @@ WORKERS = (1, 2)
 T0 = datetime(2026, 5, 19, 10, 0, tzinfo=UTC)
 TOOL_CALLS = 2  # tool runs per session; each answered by a "tool" message
 EVENTS = (("active", "waiting_tool"), ("waiting_tool", "active"), ("active", "paused"))
+# The tables holding the sessions' data, in the order the baseline COPYs them (each
+# session row before the rows that reference it).
+DATA_TABLES = ("sessions", "messages", "tool_runs", "summaries", "checkpoints", "events")
 MESSAGE_COLUMNS = ("session_id", "seq", "message_id", "role", "content", "ts", "tool_call_id")
 # Same columns, types and primary key as memshift.messages; logged like it. It lacks
 # memshift's UNIQUE (session_id, message_id) and metadata column: a bar set a little
@@ -191,16 +212,16 @@ class SessionMaker:
         if messages:
             pipe.execute_command("RPUSH", f"{base}:messages", *messages)
         tools: list[str] = []
-        for call in range(TOOL_CALLS):
+        for k in range(TOOL_CALLS):
             run = {
                 "name": "web_search",
-                "args": {"query": f"order #{n}-{call}", "limit": 10},
+                "args": {"query": f"order #{n}-{k}", "limit": 10},
                 "status": "succeeded",
-                "attempts": call + 1,
+                "attempts": k + 1,
                 "last_error": None,
-                "updated_at": _iso(created + timedelta(milliseconds=10 * call + 4)),
+                "updated_at": _iso(created + timedelta(milliseconds=10 * k + 4)),
             }
-            tools += [f"call_{call}", _dumps(run)]
+            tools += [f"call_{k}", _dumps(run)]
         pipe.execute_command("HSET", f"{base}:tools", *tools)
         summary = {
             "version": 1,
@@ -273,24 +294,30 @@ def check_sessions(
         store.close()
 
 
-def copy_text(rows: list[Row], chunk_bytes: int = 1 << 20) -> list[bytes]:
-    """The rows in COPY text format, in chunks of about ``chunk_bytes``."""
-    escape = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+def chunked(pieces: Iterable[bytes], chunk_bytes: int = 1 << 20) -> list[bytes]:
+    """``pieces`` joined into chunks of about ``chunk_bytes``: few, large writes, so
+    the baselines' timings hold as little Python as possible."""
     chunks: list[bytes] = []
-    lines: list[str] = []
+    batch: list[bytes] = []
     size = 0
-    for row in rows:
-        line = "\t".join(
-            "\\N" if v is None else str(v).translate(escape) for v in row
-        ) + "\n"
-        lines.append(line)
-        size += len(line)
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
         if size >= chunk_bytes:
-            chunks.append("".join(lines).encode())
-            lines, size = [], 0
-    if lines:
-        chunks.append("".join(lines).encode())
+            chunks.append(b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        chunks.append(b"".join(batch))
     return chunks
+
+
+def copy_text(rows: list[Row]) -> list[bytes]:
+    """The rows in COPY text format, in chunks."""
+    escape = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+    return chunked(
+        ("\t".join("\\N" if v is None else str(v).translate(escape) for v in row) + "\n").encode()
+        for row in rows
+    )
 
 
 # -- the variants ----------------------------------------------------------------------
@@ -333,7 +360,36 @@ class Bench:
     def empty_memshift(self) -> None:
         self._empty([sql.Identifier("memshift", t) for t in MEMSHIFT_TABLES])
 
-    def raw_copy(self, chunks: list[bytes], messages: int) -> Timing:
+    def dump_data(self) -> list[tuple[sql.Composable, list[bytes]]]:
+        """The data tables' rows as the backfill left them: the bytes the same-rows
+        baseline copies back. Binary COPY: PostgreSQL spends some 20% less on it than
+        on text (no timestamps or numbers to parse), so the bar is the higher."""
+        dumps: list[tuple[sql.Composable, list[bytes]]] = []
+        with self.conn.cursor() as cur:
+            for table in DATA_TABLES:
+                ident = sql.Identifier("memshift", table)
+                with cur.copy(sql.SQL("COPY {} TO STDOUT (FORMAT BINARY)").format(ident)) as copy:
+                    dumps.append((ident, chunked(bytes(data) for data in copy)))
+        self.conn.commit()
+        return dumps
+
+    def raw_copy_same_rows(
+        self, dumps: list[tuple[sql.Composable, list[bytes]]], messages: int
+    ) -> Timing:
+        """Every data row the backfill writes, back into the emptied memshift tables."""
+        self.empty_memshift()
+        gc.collect()
+        started = time.perf_counter()
+        with self.conn.cursor() as cur:
+            for ident, chunks in dumps:
+                with cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(ident)) as copy:
+                    for chunk in chunks:
+                        copy.write(chunk)
+        self.conn.commit()
+        return Timing(messages, time.perf_counter() - started)
+
+    def raw_copy_messages(self, chunks: list[bytes], messages: int) -> Timing:
+        """The message rows alone into the bare baseline table."""
         self.empty_baseline()
         statement = sql.SQL("COPY bench_messages ({}) FROM STDIN").format(
             sql.SQL(", ").join(map(sql.Identifier, MESSAGE_COLUMNS))
@@ -461,11 +517,17 @@ def measure_rounds(
     chunks = copy_text(rows)
     few = rows[: args.insert_rows]  # a loop committing per row is slow: fewer rows
     sample = rows[: args.insert_rows * 10]
-    progress.print(f"{sum(map(len, chunks)) / 2**20:.0f} MiB of COPY text")
+    bench.backfill(1, len(rows), args.sessions)  # untimed: the same-rows baseline's rows
+    dumps = bench.dump_data()
+    progress.print(
+        f"{sum(map(len, chunks)) / 2**20:.0f} MiB of COPY text (messages only), "
+        f"{sum(len(c) for _, cs in dumps for c in cs) / 2**20:.0f} MiB (same rows)"
+    )
     figures = Figures(args.sessions, len(rows), len(few), args.rounds)
     figures.load.append(os.getloadavg()[0])
     variants: list[tuple[str, Callable[[], Timing]]] = [
-        ("raw_copy", lambda: bench.raw_copy(chunks, len(rows))),
+        ("raw_copy", lambda: bench.raw_copy_same_rows(dumps, len(rows))),
+        ("raw_copy_messages", lambda: bench.raw_copy_messages(chunks, len(rows))),
         ("insert_loop", lambda: bench.insert_loop(few, "row")),
         ("insert_loop_per_session", lambda: bench.insert_loop(sample, "session")),
         ("insert_loop_one_tx", lambda: bench.insert_loop(sample, "once")),
@@ -553,7 +615,8 @@ def scratch_prefix(client: redis.Redis) -> Iterator[str]:
 # -- reporting ---------------------------------------------------------------------------
 
 LABELS = {
-    "raw_copy": "raw COPY (pre-serialised)",
+    "raw_copy": "raw COPY, same rows and tables",
+    "raw_copy_messages": "raw COPY, messages only (info)",
     "insert_loop": "INSERT loop, commit per row",
     "insert_loop_per_session": "INSERT loop, commit per session (info)",
     "insert_loop_one_tx": "INSERT loop, one commit (info)",
@@ -576,14 +639,17 @@ def render(f: Figures, console: Console) -> None:
     table = Table(
         title=f"backfill: {f.sessions:,} sessions, {f.messages:,} messages, "
         f"median of {f.rounds} round{'s' * (f.rounds > 1)}; goal ≥ {GOAL_VS_COPY:.2f}x raw "
-        f"COPY and ≥ {GOAL_VS_INSERT:.0f}x INSERT loop (commit per row)",
+        f"COPY (same rows) and ≥ {GOAL_VS_INSERT:.0f}x INSERT loop (commit per row)",
         caption="ratio = messages/s of the row / messages/s of the baseline, median of "
-        "per-round ratios; raw COPY: logged table, memshift.messages' columns and primary "
-        "key; only the COPY and its commit timed; 1-minute load average "
+        "per-round ratios; raw COPY (the goal's): every data row the backfill writes, "
+        "pre-serialised (binary), into memshift's own tables; messages only (information): the "
+        "message rows into a bare table with memshift.messages' columns and primary key; "
+        "only the COPYs and their commit timed; 1-minute load average "
         + " → ".join(f"{x:.1f}" for x in f.load) + f" on {os.cpu_count()} CPUs",
     )
     table.add_column("variant", no_wrap=True)
-    for label in ("messages", "seconds", "messages/s", "vs raw COPY", "vs INSERT loop"):
+    for label in ("messages", "seconds", "messages/s", "vs raw COPY", "vs messages-only COPY",
+                  "vs INSERT loop"):
         table.add_column(label, justify="right")
     table.add_column("goal met?")
     met = verdicts(f)
@@ -597,6 +663,7 @@ def render(f: Figures, console: Console) -> None:
             f"{statistics.median(f.seconds[variant]):.2f}",
             f"{f.rate(variant):,.0f}",
             f"{f.ratio(variant, 'raw_copy'):.2f}x",
+            f"{f.ratio(variant, 'raw_copy_messages'):.2f}x",
             f"{f.ratio(variant, 'insert_loop'):.1f}x",
             goal,
         )
@@ -634,6 +701,7 @@ def as_json(f: Figures) -> dict[str, Any]:
             "seconds": statistics.median(f.seconds[v]),
             "messages_per_second": round(f.rate(v), 1),
             "ratio_vs_raw_copy": round(f.ratio(v, "raw_copy"), 3),
+            "ratio_vs_raw_copy_messages": round(f.ratio(v, "raw_copy_messages"), 3),
             "ratio_vs_insert_loop": round(f.ratio(v, "insert_loop"), 3),
             "seconds_per_round": [round(s, 3) for s in f.seconds[v]],
         }
@@ -716,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(as_json(figures), indent=2))
     else:
         console = Console()
-        render(figures, console if console.width >= 120 else Console(width=120))
+        render(figures, console if console.width >= 140 else Console(width=140))
     return 0
 
 
