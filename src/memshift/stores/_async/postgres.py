@@ -322,14 +322,13 @@ class AsyncPostgresStore:
         started: float, limit: float | None,
     ) -> list[Row]:
         """One statement on ``conn``, its connection dropped if it outlives ``limit``."""
-        if limit is None:
-            return await _execute(conn, name, params)
-        alarm = Alarm(max(0.0, limit - (time.monotonic() - started)),
-                      functools.partial(_sever, conn))
+        alarm = None if limit is None else Alarm(max(0.0, limit - (time.monotonic() - started)),
+                                                 functools.partial(_sever, conn))
         try:
-            return await _execute(conn, name, params)
+            cur = await conn.execute(query(name), params)
+            return await cur.fetchall() if cur.description is not None else []
         except psycopg.OperationalError:
-            if not alarm.rang:
+            if alarm is None or not alarm.rang:
                 raise
             self._unreachable = self._hung = True
             raise StoreUnavailable(
@@ -338,7 +337,8 @@ class AsyncPostgresStore:
                 "have been applied"
             ) from None
         finally:
-            alarm.disarm()
+            if alarm is not None:
+                alarm.disarm()
 
     def _note_failure(self, exc: psycopg.OperationalError) -> None:
         """Whether this failure says PostgreSQL is unreachable (not merely busy)."""
@@ -575,11 +575,6 @@ class AsyncPostgresStore:
         params.update(session_id=record.session.session_id, data=Jsonb(record.event.data))
         await self._fetch("record_event", params)
         return await self.save_session(record.session)
-
-
-async def _execute(conn: AsyncConnection[Any], name: str, params: Mapping[str, Any]) -> list[Row]:
-    cur = await conn.execute(query(name), params)
-    return await cur.fetchall() if cur.description is not None else []
 
 
 async def _utc_session(conn: AsyncConnection[Any]) -> None:

@@ -393,7 +393,8 @@ class AsyncRedisStore:
                 where=call.script,
             ) from None
         result = list(reply)
-        if result and _text(result[0]) == "invalid":
+        # Checked on every reply: as the bytes the client returns, without decoding.
+        if result and result[0] == b"invalid":
             key, field, what = (_text(part) for part in result[1:4])
             place = f"key {key!r} field {field!r}"
             raise ValidationError(

@@ -323,14 +323,13 @@ class PostgresStore:
         started: float, limit: float | None,
     ) -> list[Row]:
         """One statement on ``conn``, its connection dropped if it outlives ``limit``."""
-        if limit is None:
-            return _execute(conn, name, params)
-        alarm = Alarm(max(0.0, limit - (time.monotonic() - started)),
-                      functools.partial(_sever, conn))
+        alarm = None if limit is None else Alarm(max(0.0, limit - (time.monotonic() - started)),
+                                                 functools.partial(_sever, conn))
         try:
-            return _execute(conn, name, params)
+            cur = conn.execute(query(name), params)
+            return cur.fetchall() if cur.description is not None else []
         except psycopg.OperationalError:
-            if not alarm.rang:
+            if alarm is None or not alarm.rang:
                 raise
             self._unreachable = self._hung = True
             raise StoreUnavailable(
@@ -339,7 +338,8 @@ class PostgresStore:
                 "have been applied"
             ) from None
         finally:
-            alarm.disarm()
+            if alarm is not None:
+                alarm.disarm()
 
     def _note_failure(self, exc: psycopg.OperationalError) -> None:
         """Whether this failure says PostgreSQL is unreachable (not merely busy)."""
@@ -576,11 +576,6 @@ class PostgresStore:
         params.update(session_id=record.session.session_id, data=Jsonb(record.event.data))
         self._fetch("record_event", params)
         return self.save_session(record.session)
-
-
-def _execute(conn: Connection[Any], name: str, params: Mapping[str, Any]) -> list[Row]:
-    cur = conn.execute(query(name), params)
-    return cur.fetchall() if cur.description is not None else []
 
 
 def _utc_session(conn: Connection[Any]) -> None:
