@@ -40,6 +40,7 @@ from psycopg.types.json import Jsonb
 
 from memshift.config import Settings, require_stores
 from memshift.errors import ConfigError, MemshiftError, ValidationError
+from memshift.migrate import chunked
 from memshift.migrate.backfill import connect
 from memshift.model import LEGAL_TRANSITIONS, SessionState, check_session_id, now
 from memshift.redact import redact
@@ -577,25 +578,16 @@ def _batches(
     # those Redis does not list either (gone from both) are checked last, so that the
     # gate judges what is there now rather than a failure of a session deleted since.
     unsettled = {row[0] for row in conn.execute(query("parity_unsettled"))}
-    yield from _chunks(truth.list_sessions(batch_size=size), size)
-    for chunk in _chunks(legacy.list_sessions(batch_size=size), size):
+    yield from chunked(truth.list_sessions(batch_size=size), size)
+    for chunk in chunked(legacy.list_sessions(batch_size=size), size):
         known = {row[0] for row in conn.execute(query("parity_known"), {"ids": chunk})}
         only_redis = sorted(set(chunk) - known)
         unsettled.difference_update(only_redis)
         if only_redis:
             yield only_redis
-    yield from _chunks(iter(sorted(unsettled)), size)
+    yield from chunked(iter(sorted(unsettled)), size)
 
 
-def _chunks(ids: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for sid in ids:
-        chunk.append(sid)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 @dataclass(frozen=True)

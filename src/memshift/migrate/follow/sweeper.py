@@ -16,6 +16,7 @@ from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from memshift.errors import MemshiftError
+from memshift.migrate import chunked
 from memshift.migrate.follow.applier import Applier, session_key
 from memshift.observe.metrics import REGISTRY
 from memshift.redact import redact
@@ -97,7 +98,7 @@ class Sweeper(threading.Thread):
         conn.execute(query("follow_seen_reset"))
         scanned = applied = 0
         vanished: list[str] = []
-        for chunk in _chunks(applier.store.list_sessions(batch_size=options.scan_count),
+        for chunk in chunked(applier.store.list_sessions(batch_size=options.scan_count),
                              options.batch_size):
             if self.f.stopping.is_set():
                 return False
@@ -132,12 +133,3 @@ class Sweeper(threading.Thread):
             yield [bytes(row[0]).decode("utf-8", "surrogateescape") for row in rows]
 
 
-def _chunks(ids: Iterator[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for sid in ids:
-        chunk.append(sid)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
