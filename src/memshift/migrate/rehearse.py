@@ -367,16 +367,19 @@ def drill_kill_backfill(
                     ids.append(generated.session_id)
 
             killed = 0
+            batches = -(-sessions // batch_size)
             for _ in range(kills):
                 _, done_before = run_of(conn)
+                # Kill once it has copied a random number of batches, at most half of
+                # those left, at once: a fast backfill must not finish in the meantime.
+                target = done_before + rng.randint(1, max(1, (batches - done_before) // 2))
                 child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True)
                 deadline = time.monotonic() + timeout
                 while child.poll() is None and time.monotonic() < deadline:
-                    if run_of(conn)[1] > done_before:
-                        break  # it has copied at least one batch: kill it soon
-                    time.sleep(0.01)
-                time.sleep(rng.uniform(0.0, 0.05))
+                    if run_of(conn)[1] >= target:
+                        break
+                    time.sleep(0.002)
                 if child.poll() is not None:
                     break  # it finished before it could be killed
                 os.killpg(child.pid, signal.SIGKILL)
