@@ -19,7 +19,7 @@ import redis
 
 from memshift.config import Settings
 from memshift.generate import generate_sessions
-from memshift.migrate.backfill import BackfillOptions, backfill
+from memshift.migrate.backfill import BackfillOptions, backfill, runs
 from memshift.model import MemorySummary, Message, SessionState, ToolRun
 from memshift.stores.base import Outcome
 from memshift.stores.postgres import PostgresStore
@@ -227,11 +227,21 @@ def test_a_backfill_killed_again_and_again_finishes_with_nothing_lost_or_doubled
     command = [sys.executable, "-m", "memshift", "backfill", "--batch-size", "5",
                "--lease-seconds", "0.5", "--json"]
     rng = random.Random(7)
+
+    def batches_done() -> int:
+        with psycopg.connect(pg_dsn) as conn:
+            found = runs(conn, limit=1)
+        return found[0].batches_done if found else 0
+
     kills = 0
     for _ in range(15):
+        # Killed once it has copied a random 1 to 8 more batches, at once: a point in
+        # the middle of the run however fast the backfill is.
+        target = batches_done() + rng.randint(1, 8)
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, start_new_session=True)
-        time.sleep(rng.uniform(0.45, 0.9))
+        while child.poll() is None and batches_done() < target:
+            time.sleep(0.005)
         if child.poll() is not None:
             break
         os.killpg(child.pid, signal.SIGKILL)
