@@ -31,13 +31,16 @@ unseen.
 
 from __future__ import annotations
 
+import collections
 import gc
 import json
 import logging
 import multiprocessing
+import operator
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -55,7 +58,16 @@ from psycopg.types.json import Jsonb
 
 from memshift.config import Settings, require_stores
 from memshift.errors import ConfigError, MemshiftError, SchemaError
-from memshift.migrate.bulk import TranscribedState, Transcript, copy_text, merge_states
+from memshift.migrate.bulk import (
+    NULL,
+    SessionRows,
+    TranscribedState,
+    Transcript,
+    copy_text,
+    encode,
+    merge_rows,
+    merge_states,
+)
 from memshift.migrate.quarantine import Quarantined, printable, record_quarantine
 from memshift.model import MAX_ID_BYTES, SessionState, text_problem
 from memshift.redact import redact
@@ -227,25 +239,13 @@ def _nodes(client: Any) -> dict[str, Any]:
 
 def discover(
     conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, options: BackfillOptions,
-    *, stop: Callable[[], bool] = lambda: False,
+    *, stop: Callable[[], bool] = lambda: False, on_batches: Callable[[], None] = lambda: None,
 ) -> None:
     """SCAN every node from its saved cursor; turn whole pages into batches, then (in
     the reference layout) find the orphans. ``stop`` ends it between pages (a later
-    run goes on from the cursors saved)."""
-    layout = store.layout
-    cursors = dict(run.scan_cursors)
-    nodes = _nodes(store.client)
-    for node, server in nodes.items():
-        finders = _Finders(layout.scan_type, layout.session_id_from_key, _flush)
-        if not _scan(conn, store, run, options, server, node, cursors, finders, stop):
-            return
-    if isinstance(layout, BackfillLayout):
-        for node, server in nodes.items():
-            finders = _Finders(None, layout.part_owner, _flush_orphans)
-            if not _scan(conn, store, run, options, server, f"{node} parts", cursors, finders,
-                         stop):
-                return
-    conn.execute(query("backfill_discovered"), {"run_id": run.run_id})
+    run goes on from the cursors saved); ``on_batches`` is called each time new
+    batches are there to claim."""
+    _Discovery(conn, store, run, options, stop, on_batches).run()
 
 
 @dataclass(frozen=True)
@@ -256,87 +256,141 @@ class _Finders:
 
     scan_type: str | None
     session_id: Callable[[bytes], str | None]
-    flush: Callable[
-        [psycopg.Connection[Any], RedisStore, RunRecord, dict[str, bytes], dict[str, int], int],
-        None,
-    ]
+    flush: Callable[[dict[str, bytes]], None]
 
 
-def _scan(
-    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, options: BackfillOptions,
-    server: Any, name: str, cursors: dict[str, int], finders: _Finders, stop: Callable[[], bool],
-) -> bool:
-    """One SCAN of one node, saved under ``name`` in the cursors; False if stopped."""
-    cursor = cursors.get(name, 0)
-    if cursor == -1:  # scanned to the end already
-        return True
-    buffered: dict[str, bytes] = {}
-    while True:
-        if stop():
-            return False
-        cursor, keys = server.scan(
-            cursor, match=store.layout.scan_pattern(), count=options.scan_count,
-            _type=finders.scan_type,
-        )
-        for key in keys:
-            raw = key if isinstance(key, bytes) else key.encode()
-            sid = finders.session_id(raw)
-            if sid is not None:
-                buffered.setdefault(sid, raw)
-        finished = cursor == 0
-        # A page is flushed whole, with the cursor after it: a restart goes on from
-        # there and finds no id twice (backfill_seen drops repeats that SCAN gives).
-        if len(buffered) >= options.batch_size or finished:
-            cursors[name] = -1 if finished else cursor
-            finders.flush(conn, store, run, buffered, cursors, options.batch_size)
-            buffered = {}
-        if finished:
-            return True
+class _Discovery:
+    """One discovery of a run: its SCANs, and the batches and quarantine they make.
 
-
-def _flush(
-    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, found: dict[str, bytes],
-    cursors: dict[str, int], batch_size: int,
-) -> None:
-    # An id PostgreSQL cannot hold as text (invalid UTF-8, NUL) is quarantined here,
-    # with the raw bytes of its keys: it could not be batched, let alone migrated.
-    unfit = sorted(sid for sid in found if text_problem(sid))
-    with conn.transaction():
-        for read in store.read_sessions(unfit):
-            record_quarantine(
-                conn, Quarantined.from_read(read, f"{run.layout}:{run.prefix}"), run.run_id
-            )
-        new = _mark_seen(conn, run, found, unfit)
-        _add_batches(conn, run, new, batch_size)
-        _save_cursors(conn, run, cursors, seen=len(new) + len(unfit), quarantined=len(unfit))
-
-
-def _flush_orphans(
-    conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord, found: dict[str, bytes],
-    cursors: dict[str, int], batch_size: int,
-) -> None:
-    """Quarantine the sessions whose parts are there but not their hash.
-
-    ``found`` maps ids to a part key of each. Those the hash SCAN found are done
-    with; of the others, a session whose hash appeared since that SCAN is batched
-    like any other, one whose keys all vanished is no error.
+    The first page of a new run is batched at once, its first batch small (an
+    eighth of ``--batch-size``), so that the workers start within milliseconds rather
+    than once a whole batch is found and read.
     """
-    unfit = sorted(sid for sid in found if text_problem(sid))
-    source = f"{run.layout}:{run.prefix}"
-    with conn.transaction():
-        candidates = [*unfit, *_mark_seen(conn, run, found, unfit)]
-        late: list[str] = []
-        orphans = 0
-        for read in store.read_sessions(candidates):
-            if read.replies and read.replies[0]:  # the hash is there (or another type)
-                if read.session_id not in unfit:  # (the hash SCAN quarantined those)
-                    late.append(read.session_id)
-            elif read.state is not None or read.error is not None:
-                reason = _orphan_reason(read, found[read.session_id])
-                record_quarantine(conn, Quarantined.from_read(read, source, reason), run.run_id)
-                orphans += 1
-        _add_batches(conn, run, late, batch_size)
-        _save_cursors(conn, run, cursors, seen=len(late) + orphans, quarantined=orphans)
+
+    def __init__(
+        self, conn: psycopg.Connection[Any], store: RedisStore, run: RunRecord,
+        options: BackfillOptions, stop: Callable[[], bool], on_batches: Callable[[], None],
+    ) -> None:
+        self.conn, self.store, self.run_record, self.options = conn, store, run, options
+        self.stop, self.on_batches = stop, on_batches
+        self.cursors = dict(run.scan_cursors)
+        self.ramp = run.batches_total == 0  # nothing batched yet: start small
+        self.source = f"{run.layout}:{run.prefix}"
+
+    def run(self) -> None:
+        layout = self.store.layout
+        nodes = _nodes(self.store.client)
+        for node, server in nodes.items():
+            finders = _Finders(layout.scan_type, layout.session_id_from_key, self.flush)
+            if not self.scan(server, node, finders):
+                return
+        if isinstance(layout, BackfillLayout):
+            for node, server in nodes.items():
+                finders = _Finders(None, layout.part_owner, self.flush_orphans)
+                if not self.scan(server, f"{node} parts", finders):
+                    return
+        self.conn.execute(query("backfill_discovered"), {"run_id": self.run_record.run_id})
+
+    def scan(self, server: Any, name: str, finders: _Finders) -> bool:
+        """One SCAN of one node, saved under ``name`` in the cursors; False if stopped."""
+        cursor = self.cursors.get(name, 0)
+        if cursor == -1:  # scanned to the end already
+            return True
+        buffered: dict[str, bytes] = {}
+        pattern = self.store.layout.scan_pattern()
+        while True:
+            if self.stop():
+                return False
+            cursor, keys = server.scan(
+                cursor, match=pattern, count=self.options.scan_count, _type=finders.scan_type
+            )
+            for key in keys:
+                raw = key if isinstance(key, bytes) else key.encode()
+                sid = finders.session_id(raw)
+                if sid is not None:
+                    buffered.setdefault(sid, raw)
+            finished = cursor == 0
+            # A page is flushed whole, with the cursor after it: a restart goes on from
+            # there and finds no id twice (backfill_seen drops repeats that SCAN gives).
+            if len(buffered) >= self.options.batch_size or finished or (self.ramp and buffered):
+                self.cursors[name] = -1 if finished else cursor
+                finders.flush(buffered)
+                buffered = {}
+            if finished:
+                return True
+
+    def flush(self, found: dict[str, bytes]) -> None:
+        # An id PostgreSQL cannot hold as text (invalid UTF-8, NUL) is quarantined here,
+        # with the raw bytes of its keys: it could not be batched, let alone migrated.
+        unfit = sorted(sid for sid in found if text_problem(sid))
+        with self.conn.transaction():
+            for read in self.store.read_sessions(unfit):
+                self.quarantine(Quarantined.from_read(read, self.source))
+            new = self.mark_seen(found, unfit)
+            made = self.add_batches(new)
+            self.save_cursors(seen=len(new) + len(unfit), quarantined=len(unfit))
+        if made:
+            self.on_batches()
+
+    def flush_orphans(self, found: dict[str, bytes]) -> None:
+        """Quarantine the sessions whose parts are there but not their hash.
+
+        ``found`` maps ids to a part key of each. Those the hash SCAN found are done
+        with; of the others, a session whose hash appeared since that SCAN is batched
+        like any other, one whose keys all vanished is no error.
+        """
+        unfit = sorted(sid for sid in found if text_problem(sid))
+        with self.conn.transaction():
+            candidates = [*unfit, *self.mark_seen(found, unfit)]
+            late: list[str] = []
+            orphans = 0
+            for read in self.store.read_sessions(candidates):
+                if read.replies and read.replies[0]:  # the hash is there (or another type)
+                    if read.session_id not in unfit:  # (the hash SCAN quarantined those)
+                        late.append(read.session_id)
+                elif read.state is not None or read.error is not None:
+                    reason = _orphan_reason(read, found[read.session_id])
+                    self.quarantine(Quarantined.from_read(read, self.source, reason))
+                    orphans += 1
+            made = self.add_batches(late)
+            self.save_cursors(seen=len(late) + orphans, quarantined=orphans)
+        if made:
+            self.on_batches()
+
+    def quarantine(self, entry: Quarantined) -> None:
+        record_quarantine(self.conn, entry, self.run_record.run_id)
+
+    def mark_seen(self, found: dict[str, bytes], unfit: list[str]) -> list[str]:
+        """The ids of ``found`` (but ``unfit``) that this run had not seen before."""
+        fit = sorted(set(found).difference(unfit))
+        rows = self.conn.execute(
+            query("backfill_mark_seen"), {"run_id": self.run_record.run_id, "ids": fit}
+        )
+        return [row[0] for row in rows.fetchall()]
+
+    def add_batches(self, ids: list[str]) -> bool:
+        """Batch ``ids``; whether that made any batch."""
+        size = self.options.batch_size
+        sizes = []
+        if self.ramp and ids:
+            self.ramp = False
+            sizes.append(max(1, size // 8))
+        start = 0
+        while start < len(ids):
+            end = start + (sizes.pop() if sizes else size)
+            self.conn.execute(
+                query("backfill_add_batch"),
+                {"run_id": self.run_record.run_id, "ids": ids[start:end]},
+            )
+            start = end
+        return bool(ids)
+
+    def save_cursors(self, *, seen: int, quarantined: int) -> None:
+        self.conn.execute(
+            query("backfill_save_cursor"),
+            {"run_id": self.run_record.run_id, "cursors": Jsonb(self.cursors), "seen": seen,
+             "quarantined": quarantined},
+        )
 
 
 def _orphan_reason(read: RawSession, key: bytes) -> str:
@@ -351,36 +405,6 @@ def _orphan_reason(read: RawSession, key: bytes) -> str:
     return f"{reason}; besides, {read.error}" if read.error else reason
 
 
-def _mark_seen(
-    conn: psycopg.Connection[Any], run: RunRecord, found: dict[str, bytes], unfit: list[str]
-) -> list[str]:
-    """The ids of ``found`` (but ``unfit``) that this run had not seen before."""
-    fit = sorted(set(found).difference(unfit))
-    rows = conn.execute(query("backfill_mark_seen"), {"run_id": run.run_id, "ids": fit})
-    return [row[0] for row in rows.fetchall()]
-
-
-def _add_batches(
-    conn: psycopg.Connection[Any], run: RunRecord, ids: list[str], batch_size: int
-) -> None:
-    for start in range(0, len(ids), batch_size):
-        conn.execute(
-            query("backfill_add_batch"),
-            {"run_id": run.run_id, "ids": ids[start : start + batch_size]},
-        )
-
-
-def _save_cursors(
-    conn: psycopg.Connection[Any], run: RunRecord, cursors: dict[str, int], *, seen: int,
-    quarantined: int,
-) -> None:
-    conn.execute(
-        query("backfill_save_cursor"),
-        {"run_id": run.run_id, "cursors": Jsonb(cursors), "seen": seen,
-         "quarantined": quarantined},
-    )
-
-
 # -- workers ---------------------------------------------------------------------------
 
 
@@ -391,13 +415,15 @@ def worker_name() -> str:
 def work(
     dsn: str, store: RedisStore, run: RunRecord, options: BackfillOptions,
     *, name: str | None = None, stop: Callable[[], bool] = lambda: False,
-    on_batch: Callable[[], None] = lambda: None,
+    on_batch: Callable[[], None] = lambda: None, found: threading.Event | None = None,
 ) -> int:
     """Claim and copy batches until none is left; return how many this worker did.
 
-    Two stages overlap: while a thread writes one batch into PostgreSQL (mostly
-    waiting for the server, with the GIL released), this thread claims the next one
-    and reads and validates it from Redis. So at most two batches are in memory.
+    Two stages overlap: while a thread writes batches into PostgreSQL (mostly
+    waiting for the server, with the GIL released), this thread claims the next
+    ones and reads, validates and encodes them. It runs up to ``_AHEAD`` batches
+    ahead of the writes, so that neither stage waits for the other when a batch takes
+    longer than the last; at most ``_AHEAD + 1`` batches are in memory.
     """
     me = name or worker_name()
     done = 0
@@ -406,34 +432,60 @@ def work(
         connect(dsn) as writes,
         ThreadPoolExecutor(1, thread_name_prefix="memshift-backfill-write") as writer,
         _collecting_between_batches() as collect,
+        _switching_often(),
     ):
-        writing: Future[bool] | None = None
+        writing: collections.deque[Future[bool]] = collections.deque()
         while not stop():
+            if found is not None:
+                found.clear()  # (set again by a discovery in this process that finds more)
             claim = claims.execute(
                 query("backfill_claim"),
                 {"run_id": run.run_id, "worker": me, "lease": options.lease_seconds},
             ).fetchone()
             if claim is None:
-                if writing is not None:  # our own batch in flight still counts as pending
-                    done += writing.result()
-                    writing = None
+                if writing:  # our own batches in flight still count as pending
+                    while writing:
+                        done += writing.popleft().result()
                     continue
                 state = claims.execute(query("backfill_state"), {"run_id": run.run_id}).fetchone()
                 if state is None or (state[0] != "discovering" and not state[1]):
                     break  # discovery over and nothing claimable or leased
                 # Batches still to come (soon), or leased by another worker: that one
                 # finishing (or its lease running out) ends the run, so look often.
-                time.sleep(0.05)
+                if found is not None:
+                    found.wait(0.05)
+                else:
+                    time.sleep(0.05)
                 continue
             batch = read_batch(store, claim[0], claim[1], options)
-            if writing is not None:
-                done += writing.result()
+            while len(writing) >= _AHEAD:
+                done += writing.popleft().result()
                 on_batch()
             collect()
-            writing = writer.submit(write_batch, writes, run, batch, me)
-        if writing is not None:
-            done += writing.result()
+            writing.append(writer.submit(write_batch, writes, run, batch, me))
+        while writing:
+            done += writing.popleft().result()
     return done
+
+
+_AHEAD = 1  # batches read ahead of the writes
+
+
+@contextmanager
+def _switching_often(seconds: float = 0.0005) -> Iterator[None]:
+    """Let threads take turns every ``seconds`` rather than every 5 ms.
+
+    The writing thread mostly waits for PostgreSQL; each time PostgreSQL answers
+    (a dozen times a batch), it needs the GIL back from the thread that decodes the
+    next batch, which by default keeps it up to 5 ms: PostgreSQL would sit idle that
+    long each time. The interval is the process's, so it is set back afterwards.
+    """
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(min(before, seconds))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(before)
 
 
 @contextmanager
@@ -472,7 +524,7 @@ class Batch:
     """One claimed batch as read from Redis: what to merge, quarantine, and count."""
 
     batch_no: int
-    good: list[SessionState]
+    good: list[SessionRows]  # the sessions to merge, as COPY text
     bad: list[tuple[RawSession, str]]
     vanished: int
 
@@ -480,9 +532,10 @@ class Batch:
 def read_batch(
     store: RedisStore, batch_no: int, session_ids: Sequence[str], options: BackfillOptions
 ) -> Batch:
-    """Read a batch in one pipeline and sort its sessions (no PostgreSQL involved)."""
+    """Read a batch in one pipeline, sort its sessions and encode those to merge as
+    COPY text (no PostgreSQL involved: this runs while another batch is written)."""
     good, bad, vanished = sort_reads(store.read_sessions(session_ids), options.max_value_bytes)
-    return Batch(batch_no, good, bad, vanished)
+    return Batch(batch_no, [encode(state) for state in good], bad, vanished)
 
 
 def sort_reads(
@@ -556,7 +609,7 @@ def write_batch(conn: psycopg.Connection[Any], run: RunRecord, batch: Batch, wor
     finished it (our lease ran out), and then nothing of ours is kept."""
     source = f"{run.layout}:{run.prefix}"
     with conn.transaction() as tx:
-        result = merge_states(conn, batch.good)
+        result = merge_rows(conn, batch.good)
         for read, reason in batch.bad:
             record_quarantine(conn, Quarantined.from_read(read, source, reason), run.run_id)
         unchanged = result.unchanged(batch.good)
@@ -601,23 +654,23 @@ class BackfillLayout(ReferenceLayout):
             and type(raw_messages) is list and raw_messages
         ):
             return super().decode(session_id, replies)
-        ids, lines = [], []
-        for raw in raw_messages:
-            message = plain_message(raw)
-            if message is None:
-                return super().decode(session_id, replies)
-            ids.append(message[0])
-            lines.append(message[1])
+        plain = plain_transcript(raw_messages)
+        if plain is None:
+            return super().decode(session_id, replies)
+        ids, columns = plain
         if len(set(ids)) < len(ids):
             return super().decode(session_id, replies)  # problems() names the repeated id
         state = super().decode(session_id, [fields, [], *replies[2:]])
         assert state is not None  # the hash is there
         trimmed = state.session.messages_trimmed
-        if trimmed + len(lines) > _MAX_SEQ:
+        count = len(ids)
+        if trimmed + count > _MAX_SEQ:
             return super().decode(session_id, replies)  # which says which seq is too large
-        sid = copy_text(session_id)
-        text = "".join(f"{sid}\t{trimmed + i}\t{line}" for i, line in enumerate(lines))
-        transcript = Transcript(text, len(lines), trimmed + len(lines))
+        # One line a message: the session id, the seq, the columns, empty metadata.
+        line = copy_text(session_id).replace("{", "{{").replace("}", "}}")
+        line += "\t{}\t{}\t{}\t{}\t{}\t{}\t{{}}\n"
+        text = "".join(map(line.format, range(trimmed, trimmed + count), *columns))
+        transcript = Transcript(text, count, trimmed + count)
         return TranscribedState.model_construct(**dict(state), transcript=transcript)
 
     def part_owner(self, key: bytes) -> str | None:
@@ -637,7 +690,6 @@ class BackfillLayout(ReferenceLayout):
         return owner
 
 
-_NULL = "\\N"  # NULL in COPY text
 _MESSAGE_MEMBERS = frozenset({"id", "role", "content", "ts", "tool_call_id"})
 # json.dumps with its defaults (", " and ": ", ASCII escapes): how much legacy Python wrote.
 _PYTHON_DEFAULT = json.JSONEncoder()
@@ -646,9 +698,73 @@ _SHORT_ID = MAX_ID_BYTES // 4  # characters that cannot be over MAX_ID_BYTES in 
 _MAX_SEQ = 2**62  # the bound of a Count in the model
 
 
-def plain_message(raw: Any) -> tuple[str, str] | None:
-    """A message's id, and its COPY text from the message id on, when the full
-    validation would surely accept it as it is; else None.
+def plain_transcript(raws: list[Any]) -> tuple[list[str], list[Sequence[str]]] | None:
+    """The message ids of a transcript and its COPY text columns (id, role, content,
+    ts, tool call id), when every message is plain (:func:`plain_message`); else None.
+
+    A transcript in memshift's own form (:data:`_WRITTEN`) is read whole, with no
+    Python code per message: :func:`_as_written`. Any other is read message by
+    message, which takes what may still be plain (other member orders, ``json.dumps``'
+    spacing and ASCII escapes, times in other forms).
+    """
+    columns = _as_written(raws)
+    if columns is not None:
+        return columns
+    ids: list[str] = []
+    rows: list[tuple[str, str, str, str, str]] = []
+    for raw in raws:
+        message = plain_message(raw)
+        if message is None:
+            return None
+        ids.append(message[0])
+        rows.append(message[1])
+    return ids, list(zip(*rows, strict=True))
+
+
+# A message exactly as memshift's reference layout writes it (and orjson, or
+# json.dumps with compact separators and without ASCII escapes, writes that dict): the
+# members in this order, no whitespace, text without control characters (JSON has
+# them escaped). Ids, role and tool call id hold no escape at all; the content may
+# hold JSON's short escapes but \u: those are COPY text's escapes too, with the
+# same meaning (\" and \\ and \n ...), so the JSON text is the COPY field as it is.
+# No \/ either: orjson and json never write it, so each character has one spelling
+# and ids that differ as text differ as values.
+_PLAIN = r'[^"\\\x00-\x1f]'
+_WRITTEN = re.compile(
+    rf'^\{{"id":"({_PLAIN}{{1,{MAX_ID_BYTES // 4}}})","role":"({_PLAIN}{{1,64}})",'
+    rf'"content":"({_PLAIN}*(?:\\["\\bfnrt]{_PLAIN}*)*)",'
+    r'"ts":"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z)"'
+    rf'(?:,"tool_call_id":(?:"({_PLAIN}{{1,{MAX_ID_BYTES // 4}}})"|null))?\}}$',
+    re.MULTILINE,
+)
+_ID, _TS = operator.itemgetter(0), operator.itemgetter(3)
+
+
+def _as_written(raws: list[Any]) -> tuple[list[str], list[Sequence[str]]] | None:
+    """The columns of a transcript whose every message matches :data:`_WRITTEN`: one
+    regular expression over the whole transcript, a line a message."""
+    try:
+        joined = b"\n".join(raws)
+        text = joined.decode()  # valid UTF-8
+    except (TypeError, UnicodeDecodeError):
+        return None
+    # As many matches as values, each a whole line, and as many lines as values.
+    rows: list[tuple[str, str, str, str, str]] = _WRITTEN.findall(text)
+    if len(rows) != len(raws) or joined.count(b"\n") != len(raws) - 1:
+        return None
+    ids = list(map(_ID, rows))
+    try:  # the times are dates that exist
+        collections.deque(map(datetime.fromisoformat, map(_TS, rows)), maxlen=0)
+    except ValueError:
+        return None
+    columns: list[Sequence[str]] = list(zip(*rows, strict=True))
+    columns[4] = [call or NULL for call in columns[4]]  # an absent call is ""
+    return ids, columns
+
+
+def plain_message(raw: Any) -> tuple[str, tuple[str, str, str, str, str]] | None:
+    """A message's id, and its COPY text fields (id, role, content, ts, tool call
+    id), when the full validation would surely accept it as it is; else None.
 
     Plain: the bytes are exactly what orjson (JSON.stringify, compact ``json.dumps``
     without ASCII escapes) or ``json.dumps`` with its defaults writes for the object
@@ -681,13 +797,13 @@ def plain_message(raw: Any) -> tuple[str, str] | None:
     stamp = _copy_time(data.get("ts"))
     if stamp is None:
         return None
-    shown_id, shown_call = message_id, _NULL if call is None else call
+    shown_id, shown_call = message_id, NULL if call is None else call
     if b"\\" in raw:  # escapes: maybe a NUL or a lone surrogate, and text to escape
         if text_problem(f"{message_id}{role}{content}{call or ''}"):
             return None
         shown_id, role, content = copy_text(message_id), copy_text(role), copy_text(content)
-        shown_call = _NULL if call is None else copy_text(call)
-    return message_id, f"{shown_id}\t{role}\t{content}\t{stamp}\t{shown_call}\t{{}}\n"
+        shown_call = NULL if call is None else copy_text(call)
+    return message_id, (shown_id, role, content, stamp, shown_call)
 
 
 def _copy_time(value: Any) -> str | None:
@@ -771,8 +887,9 @@ def backfill(
                 if on_progress:
                     on_progress(run_summary(conn, run.run_id))
 
-            with _discovering(postgres_dsn, store, run, options) as failed:
-                work(postgres_dsn, store, run, options, stop=failed, on_batch=_throttled(report))
+            with _discovering(postgres_dsn, store, run, options) as (failed, found):
+                work(postgres_dsn, store, run, options, stop=failed, on_batch=_throttled(report),
+                     found=found)
             while not _complete(conn, run, children, on_progress):
                 time.sleep(0.25)
             # Every batch is done: a child has nothing left to do, and one that is still
@@ -821,27 +938,28 @@ def _redis(url: str, layout: Layout) -> Iterator[RedisStore]:
 @contextmanager
 def _discovering(
     dsn: str, store: RedisStore, run: RunRecord, options: BackfillOptions
-) -> Iterator[Callable[[], bool]]:
+) -> Iterator[tuple[Callable[[], bool], threading.Event | None]]:
     """Discover in a thread, if the run still needs it, while this one works on the
     batches found so far; yield a test that is true once discovery has failed (its
-    error is raised when the block ends)."""
+    error is raised when the block ends), and an event set whenever it made batches."""
     if run.state != "discovering":
-        yield lambda: False
+        yield (lambda: False), None
         return
     stopping = threading.Event()
+    found = threading.Event()
 
     def scan() -> None:
         with connect(dsn) as conn:
-            discover(conn, store, run, options, stop=stopping.is_set)
+            discover(conn, store, run, options, stop=stopping.is_set, on_batches=found.set)
 
     with ThreadPoolExecutor(1, thread_name_prefix="memshift-backfill-scan") as pool:
-        found = pool.submit(scan)
+        scanning = pool.submit(scan)
         try:
-            yield lambda: found.done() and found.exception() is not None
+            yield (lambda: scanning.done() and scanning.exception() is not None), found
         except BaseException:
             stopping.set()
             raise
-        found.result()
+        scanning.result()
 
 
 def _throttled(report: Callable[[], None], seconds: float = 0.5) -> Callable[[], None]:
@@ -857,10 +975,27 @@ def _throttled(report: Callable[[], None], seconds: float = 0.5) -> Callable[[],
     return maybe
 
 
+def _start_method() -> str:
+    """How to start worker processes: ``fork`` where that is safe, else ``spawn``.
+
+    A forked child starts at once, with memshift imported; a spawned one starts a
+    new interpreter and imports memshift first (some 0.3 s of CPU, which a short run
+    feels). Fork only on Linux (elsewhere system libraries do not survive it) and
+    only while this process runs no other thread: a forked child gets a copy of
+    every lock, including those another thread holds at that moment, which nobody
+    would ever release in the child. The child uses nothing it inherits (it makes its
+    own connections) and ends without running finalizers, so the parent's
+    connections are not touched.
+    """
+    if sys.platform == "linux" and threading.active_count() == 1:
+        return "fork"
+    return "spawn"
+
+
 def _spawn(
     settings: Settings, options: BackfillOptions, run: RunRecord, count: int
 ) -> list[Any]:
-    ctx = multiprocessing.get_context("spawn")
+    ctx: Any = multiprocessing.get_context(_start_method())
     children = [
         ctx.Process(
             target=_worker_main, args=(settings, options, run), name=f"memshift-backfill-{i}",

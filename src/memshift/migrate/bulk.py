@@ -14,92 +14,62 @@ A live write that lands between the check and the COPY makes it fail on a unique
 key (or wait for the writer, then fail): the savepoint is rolled back and the group
 takes the staging merge like every other session, so the guards decide as always.
 
-A backfill hands over the plain transcripts it read as lines of COPY text
+Rows travel as COPY text made beforehand (:func:`encode`), session by session: the
+backfill encodes a batch in the thread that reads Redis while another batch is
+being written, so the writing thread only sends bytes and waits for PostgreSQL. A
+backfill hands over the plain transcripts it read as ready lines of COPY text
 (:class:`Transcript`), made straight from the Redis values (see
 :mod:`memshift.migrate.backfill`): the rows are the same, only no ``Message`` is
-built and no row is serialised field by field on the way.
+built on the way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg import sql
-from psycopg.types.json import Jsonb
 from pydantic import ConfigDict
 
 from memshift.model import SessionState
 from memshift.sql.queries import query
+from memshift.stores.layouts.timestamps import format_timestamp
 
-# Staging tables (created LIKE the real ones) and the columns COPY fills, with their
-# types: the COPY is binary, so psycopg's C dumpers serialise the rows.
-_STAGES: dict[str, tuple[tuple[str, str], ...]] = {
-    "stage_sessions": (
-        ("session_id", "text"), ("tenant_id", "text"), ("user_id", "text"),
-        ("status", "text"), ("version", "int8"), ("created_at", "timestamptz"),
-        ("updated_at", "timestamptz"), ("messages_trimmed", "int8"), ("metadata", "jsonb"),
-        ("expires_at", "timestamptz"),
-    ),
-    "stage_messages": (
-        ("session_id", "text"), ("seq", "int8"), ("message_id", "text"), ("role", "text"),
-        ("content", "text"), ("ts", "timestamptz"), ("tool_call_id", "text"),
-        ("metadata", "jsonb"),
-    ),
-    "stage_tool_runs": (
-        ("session_id", "text"), ("tool_call_id", "text"), ("name", "text"), ("args", "jsonb"),
-        ("status", "text"), ("attempts", "int8"), ("last_error", "text"),
-        ("updated_at", "timestamptz"), ("content_hash", "text"), ("metadata", "jsonb"),
-    ),
-    "stage_summaries": (
-        ("session_id", "text"), ("version", "int8"), ("text", "text"),
-        ("covers_through", "int8"), ("updated_at", "timestamptz"), ("metadata", "jsonb"),
-    ),
-    "stage_checkpoints": (
-        ("session_id", "text"), ("checkpoint_id", "text"), ("parent_id", "text"),
-        ("step", "int8"), ("state", "jsonb"), ("created_at", "timestamptz"),
-        ("metadata", "jsonb"),
-    ),
-    "stage_events": (
-        ("session_id", "text"), ("event_seq", "int8"), ("type", "text"),
-        ("from_status", "text"), ("to_status", "text"), ("at", "timestamptz"),
-        ("data", "jsonb"),
-    ),
+# The tables a session's rows go to, and the columns of each, in COPY order. The
+# staging tables (``stage_<table>``, created LIKE the real ones) take the same
+# columns; the staging merge ignores the sessions' two counters and sets them itself
+# (bulk_next_seq, bulk_next_event_seq), as a new session's are here.
+TABLES = ("sessions", "messages", "tool_runs", "summaries", "checkpoints", "events")
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "sessions": ("session_id", "tenant_id", "user_id", "status", "version", "created_at",
+                 "updated_at", "messages_trimmed", "metadata", "expires_at", "next_seq",
+                 "next_event_seq"),
+    "messages": ("session_id", "seq", "message_id", "role", "content", "ts", "tool_call_id",
+                 "metadata"),
+    "tool_runs": ("session_id", "tool_call_id", "name", "args", "status", "attempts",
+                  "last_error", "updated_at", "content_hash", "metadata"),
+    "summaries": ("session_id", "version", "text", "covers_through", "updated_at",
+                  "metadata"),
+    "checkpoints": ("session_id", "checkpoint_id", "parent_id", "step", "state",
+                    "created_at", "metadata"),
+    "events": ("session_id", "event_seq", "type", "from_status", "to_status", "at", "data"),
 }
+_MESSAGES = TABLES.index("messages")
 _COPY = {
-    table: sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        sql.Identifier(table), sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns)
+    (target, table): sql.SQL("COPY {} ({}) FROM STDIN").format(
+        sql.Identifier(f"stage_{table}") if target == "stage"
+        else sql.Identifier("memshift", table),
+        sql.SQL(", ").join(map(sql.Identifier, COLUMNS[table])),
     )
-    for table, columns in _STAGES.items()
+    for target in ("stage", "direct")
+    for table in TABLES
 }
-# The fast path's COPY into the real tables: the staged columns, and for sessions the
-# two counters that the staging merge sets afterwards (bulk_next_seq, _event_seq).
-_COUNTERS = (("next_seq", "int8"), ("next_event_seq", "int8"))
-_DIRECT_COLUMNS = {
-    table: columns + (_COUNTERS if table == "stage_sessions" else ())
-    for table, columns in _STAGES.items()
-}
-_DIRECT = {
-    table: sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-        sql.Identifier("memshift", table.removeprefix("stage_")),
-        sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns),
-    )
-    for table, columns in _DIRECT_COLUMNS.items()
-}
-_EMPTY = Jsonb({}, dumps=lambda _: "{}")  # most records carry no metadata
-# Transcripts go in as COPY text, in these columns (metadata: always the empty object).
-_TRANSCRIPT_COLUMNS = _STAGES["stage_messages"]
-_TRANSCRIPT_COPY = {
-    target: sql.SQL("COPY {} ({}) FROM STDIN").format(
-        table, sql.SQL(", ").join(sql.Identifier(c) for c, _ in _TRANSCRIPT_COLUMNS)
-    )
-    for target, table in (
-        ("stage", sql.Identifier("stage_messages")),
-        ("direct", sql.Identifier("memshift", "messages")),
-    )
-}
+NULL = "\\N"  # NULL in COPY text
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -110,9 +80,28 @@ def copy_text(value: str) -> str:
     return value
 
 
+def _text(value: str | None) -> str:
+    return NULL if value is None else copy_text(value)
+
+
+def _time(value: datetime | None) -> str:
+    return NULL if value is None else format_timestamp(value)
+
+
+def _json(value: Any) -> str:
+    """A JSON value as a COPY text field (compact; jsonb keeps no formatting)."""
+    if value == {}:
+        return "{}"  # most records carry no metadata
+    try:
+        text = orjson.dumps(value).decode()
+    except TypeError:  # what orjson refuses (e.g. an int over 64 bits), json writes
+        text = json.dumps(value, separators=(",", ":"))
+    return copy_text(text)
+
+
 @dataclass(frozen=True)
 class Transcript:
-    """A session's messages as lines of COPY text in ``_TRANSCRIPT_COLUMNS``' order."""
+    """A session's messages as lines of COPY text in ``COLUMNS["messages"]`` order."""
 
     text: str  # one line per message, each ending with a newline
     count: int  # messages
@@ -127,8 +116,70 @@ class TranscribedState(SessionState):
     transcript: Transcript
 
 
-def _json(value: dict[str, Any]) -> Jsonb:
-    return Jsonb(value) if value else _EMPTY
+@dataclass(frozen=True, slots=True)
+class SessionRows:
+    """One session's rows as UTF-8 COPY text, table by table (``TABLES``' order)."""
+
+    session_id: str
+    messages: int
+    data: tuple[bytes, ...]
+
+
+def encode(state: SessionState) -> SessionRows:
+    """``state``'s rows, ready to COPY; the session row's counters are those the
+    staging merge leaves on a new session."""
+    sid = copy_text(state.session_id)
+    s = state.session
+    if isinstance(state, TranscribedState):
+        messages, count = state.transcript.text, state.transcript.count
+        next_seq = max(s.messages_trimmed, state.transcript.next_seq)
+    else:
+        messages = "".join(
+            f"{sid}\t{NULL if m.seq is None else m.seq}\t{copy_text(m.message_id)}\t"
+            f"{copy_text(m.role)}\t{copy_text(m.content)}\t{_time(m.ts)}\t"
+            f"{_text(m.tool_call_id)}\t{_json(m.metadata)}\n"
+            for m in state.messages
+        )
+        count = len(state.messages)
+        last_seq = max((m.seq for m in state.messages if m.seq is not None), default=-1)
+        next_seq = max(s.messages_trimmed, last_seq + 1)
+    next_event_seq = 1 + max(
+        (e.event_seq for e in state.events if e.event_seq is not None), default=-1
+    )
+    session = (
+        f"{sid}\t{_text(s.tenant_id)}\t{_text(s.user_id)}\t{copy_text(s.status)}\t"
+        f"{s.version}\t{_time(s.created_at)}\t{_time(s.updated_at)}\t{s.messages_trimmed}\t"
+        f"{_json(s.metadata)}\t{_time(s.expires_at)}\t{next_seq}\t{next_event_seq}\n"
+    )
+    tool_runs = "".join(
+        f"{sid}\t{copy_text(t.tool_call_id)}\t{copy_text(t.name)}\t{_json(t.args)}\t"
+        f"{t.status}\t{t.attempts}\t{_text(t.last_error)}\t{_time(t.updated_at)}\t"
+        f"{t.content_hash()}\t{_json(t.metadata)}\n"
+        for t in state.tool_runs
+    )
+    summaries = "".join(
+        f"{sid}\t{u.version}\t{copy_text(u.text)}\t{u.covers_through}\t{_time(u.updated_at)}\t"
+        f"{_json(u.metadata)}\n"
+        for u in state.summaries
+    )
+    checkpoints = "".join(
+        f"{sid}\t{copy_text(c.checkpoint_id)}\t{_text(c.parent_id)}\t{c.step}\t"
+        f"{_json(c.state)}\t{_time(c.created_at)}\t{_json(c.metadata)}\n"
+        for c in state.checkpoints
+    )
+    events = "".join(
+        f"{sid}\t{NULL if e.event_seq is None else e.event_seq}\t{copy_text(e.type)}\t"
+        f"{_text(e.from_status)}\t{_text(e.to_status)}\t{_time(e.at)}\t{_json(e.data)}\n"
+        for e in state.events
+    )
+    return SessionRows(
+        state.session_id,
+        count,
+        tuple(
+            part.encode()
+            for part in (session, messages, tool_runs, summaries, checkpoints, events)
+        ),
+    )
 
 
 # Each merge returns (session id, rows changed) for every session it changed.
@@ -148,104 +199,37 @@ class MergeResult:
     conflicted: set[str] = field(default_factory=set)  # sessions with a message conflict
     messages: int = 0  # messages staged
 
-    def unchanged(self, states: Sequence[SessionState]) -> int:
-        return sum(1 for s in states if s.session_id not in self.changed)
+    def unchanged(self, sessions: Sequence[SessionState | SessionRows]) -> int:
+        return sum(1 for s in sessions if s.session_id not in self.changed)
 
 
-def _message_count(state: SessionState) -> int:
-    if isinstance(state, TranscribedState):
-        return state.transcript.count
-    return len(state.messages)
-
-
-def _next_seq(state: SessionState) -> int:
-    """next_seq as the staging merge leaves it on a new session."""
-    if isinstance(state, TranscribedState):
-        return max(state.session.messages_trimmed, state.transcript.next_seq)
-    last_seq = max((m.seq for m in state.messages if m.seq is not None), default=-1)
-    return max(state.session.messages_trimmed, last_seq + 1)
-
-
-def _rows(
-    states: Iterable[SessionState], *, counters: bool = False
-) -> dict[str, list[tuple[Any, ...]]]:
-    """The rows of every table; with ``counters``, sessions rows end with next_seq and
-    next_event_seq as the staging merge would leave them on a new session."""
-    rows: dict[str, list[tuple[Any, ...]]] = {name: [] for name in _STAGES}
-    for state in states:
-        sid = state.session_id
-        s = state.session
-        session: tuple[Any, ...] = (
-            sid, s.tenant_id, s.user_id, s.status, s.version, s.created_at, s.updated_at,
-            s.messages_trimmed, _json(s.metadata), s.expires_at,
-        )
-        if counters:
-            last_event = max(
-                (e.event_seq for e in state.events if e.event_seq is not None), default=-1
-            )
-            session += (_next_seq(state), last_event + 1)
-        rows["stage_sessions"].append(session)
-        rows["stage_messages"].extend(
-            (sid, m.seq, m.message_id, m.role, m.content, m.ts, m.tool_call_id,
-             _json(m.metadata))
-            for m in state.messages
-        )
-        rows["stage_tool_runs"].extend(
-            (sid, t.tool_call_id, t.name, Jsonb(t.args), t.status, t.attempts, t.last_error,
-             t.updated_at, t.content_hash(), _json(t.metadata))
-            for t in state.tool_runs
-        )
-        rows["stage_summaries"].extend(
-            (sid, u.version, u.text, u.covers_through, u.updated_at, _json(u.metadata))
-            for u in state.summaries
-        )
-        rows["stage_checkpoints"].extend(
-            (sid, c.checkpoint_id, c.parent_id, c.step, Jsonb(c.state), c.created_at,
-             _json(c.metadata))
-            for c in state.checkpoints
-        )
-        rows["stage_events"].extend(
-            (sid, e.event_seq, e.type, e.from_status, e.to_status, e.at, _json(e.data))
-            for e in state.events
-        )
-    return rows
-
-
-def _copy(
-    cur: psycopg.Cursor[Any], statements: dict[str, sql.Composed],
-    columns: dict[str, tuple[tuple[str, str], ...]], rows: dict[str, list[tuple[Any, ...]]],
-) -> None:
-    for table, table_rows in rows.items():
-        if not table_rows:
-            continue
-        with cur.copy(statements[table]) as copy:
-            copy.set_types([kind for _, kind in columns[table]])
-            for row in table_rows:
-                copy.write_row(row)
-
-
-def _copy_transcripts(
-    cur: psycopg.Cursor[Any], target: str, states: Sequence[SessionState]
-) -> int:
-    """COPY the transcripts of ``states`` (into ``stage`` or ``direct``); how many rows."""
-    transcripts = [s.transcript for s in states if isinstance(s, TranscribedState)]
-    if not any(t.count for t in transcripts):
-        return 0
-    with cur.copy(_TRANSCRIPT_COPY[target]) as copy:
-        copy.write("".join(t.text for t in transcripts).encode())
-    return sum(t.count for t in transcripts)
+def _copy(cur: psycopg.Cursor[Any], target: str, sessions: Sequence[SessionRows]) -> int:
+    """COPY the rows of ``sessions`` into the ``stage`` or ``direct`` tables; how many
+    messages."""
+    for index, table in enumerate(TABLES):
+        data = b"".join(rows.data[index] for rows in sessions)
+        if data:
+            with cur.copy(_COPY[target, table]) as copy:
+                copy.write(data)
+    return sum(rows.messages for rows in sessions)
 
 
 def merge_states(conn: psycopg.Connection[Any], states: Sequence[SessionState]) -> MergeResult:
     """Merge ``states`` (one per session id) inside the caller's transaction."""
+    return merge_rows(conn, [encode(state) for state in states])
+
+
+def merge_rows(conn: psycopg.Connection[Any], sessions: Sequence[SessionRows]) -> MergeResult:
+    """Merge the :func:`encode`\\ d rows of sessions (one each) inside the caller's
+    transaction."""
     result = MergeResult()
-    if not states:
+    if not sessions:
         return result
-    result.messages = sum(map(_message_count, states))
-    fresh = _fresh(conn, [s.session_id for s in states])
-    rest = [s for s in states if s.session_id not in fresh]
+    result.messages = sum(rows.messages for rows in sessions)
+    fresh = _fresh(conn, [rows.session_id for rows in sessions])
+    rest = [rows for rows in sessions if rows.session_id not in fresh]
     if fresh:
-        new = [s for s in states if s.session_id in fresh]
+        new = [rows for rows in sessions if rows.session_id in fresh]
         if _insert_fresh(conn, new):
             result.changed.update(fresh)
         else:
@@ -261,27 +245,24 @@ def _fresh(conn: psycopg.Connection[Any], ids: list[str]) -> set[str]:
     return {sid for (sid,) in rows}
 
 
-def _insert_fresh(conn: psycopg.Connection[Any], states: Sequence[SessionState]) -> bool:
+def _insert_fresh(conn: psycopg.Connection[Any], sessions: Sequence[SessionRows]) -> bool:
     """COPY new sessions straight into the tables; False (nothing written) when a row
     of one of them appeared since :func:`_fresh` looked."""
     try:
         with conn.transaction(), conn.cursor() as cur:
-            _copy(cur, _DIRECT, _DIRECT_COLUMNS, _rows(states, counters=True))
-            _copy_transcripts(cur, "direct", states)
+            _copy(cur, "direct", sessions)
     except psycopg.errors.UniqueViolation:
         return False
     return True
 
 
 def _merge_staged(
-    conn: psycopg.Connection[Any], states: Sequence[SessionState], result: MergeResult
+    conn: psycopg.Connection[Any], sessions: Sequence[SessionRows], result: MergeResult
 ) -> None:
     """COPY into the staging tables, then the guarded merges, statement by statement."""
     conn.execute(query("stage_create"))
     with conn.cursor() as cur:
-        rows = _rows(states)
-        _copy(cur, _COPY, _STAGES, rows)
-        staged = len(rows["stage_messages"]) + _copy_transcripts(cur, "stage", states)
+        staged = _copy(cur, "stage", sessions)
         cur.execute(query("bulk_merge_messages"))
         inserted = cur.fetchall()
         result.changed.update(sid for sid, _ in inserted)

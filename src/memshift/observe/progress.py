@@ -61,21 +61,28 @@ class BackfillProgress:
         self._console = console
         self._quiet = quiet
         self._bar = bar(console, quiet=quiet)
+        self._shown = False
         self._task: TaskID | None = None
         self._last_line = 0.0
         self._told_finished = False  # the backfill reports its last summary more than once
 
     def __enter__(self) -> BackfillProgress:
-        self._bar.__enter__()
+        # The bar (and the thread that redraws it) starts with the first summary: by
+        # then the backfill has started its worker processes, which it forks, fast,
+        # only while this process runs no other thread.
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._bar.__exit__(kind, exc, tb)
+        if self._shown:
+            self._bar.__exit__(kind, exc, tb)
 
     def update(self, summary: Summary) -> None:
+        if not self._shown:
+            self._bar.__enter__()
+            self._shown = True
         done, seen = summary.sessions_done, summary.sessions_seen
         seconds = max(summary.seconds, 1e-9)
         rate = f"{done / seconds:,.0f} sessions/s · {summary.messages / seconds:,.0f} msg/s"
