@@ -19,7 +19,7 @@ import redis
 
 from memshift.config import Settings
 from memshift.generate import generate_sessions
-from memshift.migrate.backfill import BackfillOptions, backfill, runs
+from memshift.migrate.backfill import BackfillOptions, _start_method, backfill, runs
 from memshift.model import MemorySummary, Message, SessionState, ToolRun
 from memshift.stores.base import Outcome
 from memshift.stores.postgres import PostgresStore
@@ -114,18 +114,70 @@ def test_a_second_run_finds_everything_unchanged_and_writes_nothing(
     assert row_counts(pg_dsn) == before
 
 
+FORKED_BACKFILL = """
+import json, sys, threading
+from memshift.config import Settings
+from memshift.migrate.backfill import BackfillOptions, _start_method, backfill
+dsn, url, prefix = sys.argv[1:]
+method = _start_method()
+summary = backfill(Settings(redis_url=url, postgres_dsn=dsn, prefix=prefix),
+                   BackfillOptions(prefix=prefix, batch_size=10, workers=2))
+print(json.dumps({"method": method, "threads": threading.active_count(), **summary.as_json()}))
+"""
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
 def test_two_workers_copy_every_session_once(
-    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: RedisStore, truth: PostgresStore
+    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: RedisStore, start: str
 ) -> None:
+    """Workers are forked by a process that runs one thread (here a fresh one, as the
+    CLI is), spawned by one that runs more (a forked child would inherit the locks
+    other threads hold, here a thread of this test): both ways copy everything."""
     ids = fill(legacy, 150, seed=2)
+    if start == "fork":
+        done = subprocess.run([sys.executable, "-c", FORKED_BACKFILL, pg_dsn, redis_url,
+                               redis_prefix], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        assert report["method"] == "fork"
+        migrated, batches_done, batches_total = (
+            report["migrated"], report["batches_done"], report["batches_total"])
+    else:
+        other = threading.Event()
+        threading.Thread(target=other.wait, daemon=True).start()
+        try:
+            assert _start_method() == "spawn"
+            summary = backfill(settings(pg_dsn, redis_url, redis_prefix),
+                               BackfillOptions(prefix=redis_prefix, batch_size=10, workers=2))
+        finally:
+            other.set()
+        migrated, batches_done, batches_total = (
+            summary.migrated, summary.batches_done, summary.batches_total)
+
+    # 15 batches or a few more: the first is small, and a SCAN page (which other keys
+    # of the server shape) may end with a short batch.
+    assert migrated == 150 and batches_done == batches_total >= 15
+    with PostgresStore(pg_dsn) as truth:
+        assert_same(legacy, truth, ids)
+
+
+
+def test_a_new_run_starts_with_a_small_batch(
+    pg_dsn: str, redis_url: str, redis_prefix: str, legacy: RedisStore
+) -> None:
+    """The first batch of a new run is an eighth of --batch-size, so that the workers
+    start at once; the batches after it are whole."""
+    fill(legacy, 60, seed=4)
 
     summary = backfill(settings(pg_dsn, redis_url, redis_prefix),
-                       BackfillOptions(prefix=redis_prefix, batch_size=10, workers=2))
+                       BackfillOptions(prefix=redis_prefix, batch_size=16, scan_count=5000))
 
-    # 15 batches or a few more: a SCAN page (which other keys of the server shape)
-    # may end with a short batch.
-    assert summary.migrated == 150 and summary.batches_done == summary.batches_total >= 15
-    assert_same(legacy, truth, ids)
+    assert summary.migrated == 60
+    with psycopg.connect(pg_dsn) as conn:
+        sizes = [n for (n,) in conn.execute(
+            "SELECT cardinality(session_ids) FROM memshift.backfill_batches "
+            "WHERE run_id = %s ORDER BY batch_no", (summary.run_id,))]
+    assert sizes == [2, 16, 16, 16, 10]
 
 
 def test_the_ttl_becomes_an_expiry_and_a_vanished_session_is_no_error(

@@ -51,6 +51,37 @@ def copy_lines(sid: str, messages: tuple[Message, ...]) -> str:
     )
 
 
+_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def copy_values(text: str) -> list[list[str | None]]:
+    """COPY text read back as PostgreSQL reads it: rows of fields, ``\\N`` as None,
+    backslash escapes undone (the lane sends JSON's escapes, which COPY shares, as
+    they are; ``copy_lines`` escapes only what it must: the texts differ, the values
+    must not)."""
+    rows: list[list[str | None]] = []
+    for line in text.split("\n")[:-1]:
+        fields: list[str | None] = []
+        for field in line.split("\t"):
+            if field == "\\N":
+                fields.append(None)
+                continue
+            out, i = [], 0
+            while i < len(field):
+                char = field[i]
+                if char == "\\":
+                    follower = field[i + 1]
+                    assert not follower.isdigit() and follower != "x", field  # never sent
+                    out.append(_COPY_ESCAPES.get(follower, follower))
+                    i += 2
+                else:
+                    out.append(char)
+                    i += 1
+            fields.append("".join(out))
+        rows.append(fields)
+    return rows
+
+
 def without_messages(state: SessionState) -> dict[str, Any]:
     return state.model_dump(exclude={"messages", "transcript"})
 
@@ -61,8 +92,10 @@ def mostly(good: st.SearchStrategy[Any], other: st.SearchStrategy[Any]) -> Any:
 
 # Messages with every member the layout needs, written as the lane's encoders write
 # them (or broken by ``encoded``), so that many take the lane.
+AWKWARD = st.sampled_from(['say "hi"\\', "\b\f\n\r\t\x01\x7f", "a\\\"b\\\\", "\\u00e9/é"])
 LIKELY = st.fixed_dictionaries(
-    {"role": st.sampled_from(["user", "tool"]), "content": mostly(st.just("hi\\n"), texts),
+    {"role": st.sampled_from(["user", "tool"]),
+     "content": st.one_of(st.just("hi\\n"), AWKWARD, texts),
      "ts": mostly(st.just(ISO), stamps)},
     optional={"tool_call_id": mostly(st.none(), texts)},
 )
@@ -100,7 +133,7 @@ def same_reading(raws: list[bytes], trimmed: bytes, tools: dict[bytes, bytes]) -
         assert lane == reference
         return False
     assert reference.problems() == lane.problems() == []
-    assert lane.transcript.text == copy_lines(SID, reference.messages)
+    assert copy_values(lane.transcript.text) == copy_values(copy_lines(SID, reference.messages))
     assert lane.transcript.count == len(reference.messages)
     assert lane.transcript.next_seq == reference.message_count
     return True

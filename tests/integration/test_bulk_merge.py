@@ -155,3 +155,61 @@ def test_a_live_write_landing_after_the_check_sends_the_batch_through_the_guards
     assert result.conflicted == {"landed"}
     assert result.changed == {"landed", "brand-new"}
     assert without_id(store.load_session("brand-new")) == without_id(new)
+
+
+AWKWARD_TEXT = ["tab\there", "new\nline\r\n", "back\\slash \\N \\.", "ü 𝄞 \u2028", '"{q}"', ""]
+
+
+def awkward_state(sid: str) -> SessionState:
+    """A session with COPY text's special characters in every field that takes text
+    or JSON, NULLs where a field may be NULL, and a JSON integer past 64 bits."""
+    from datetime import UTC, datetime, timedelta
+
+    from memshift.model import Checkpoint, Event, MemorySummary, Message, Session, ToolRun
+
+    at = datetime(2026, 5, 19, 10, 0, 0, 123456, tzinfo=UTC)
+    nested = {"k\t1": AWKWARD_TEXT, "big": 2**70, "f": 0.25, "n": None, "e": {}}
+    return SessionState(
+        session=Session(session_id=sid, tenant_id="t\\1", user_id=None, status="paused",
+                        version=7, created_at=at, updated_at=at + timedelta(seconds=1),
+                        messages_trimmed=2, metadata=nested,
+                        expires_at=at + timedelta(days=1)),
+        messages=tuple(
+            Message(seq=2 + i, message_id=f"m\t{i}\\", role="us\ner", content=text,
+                    ts=at + timedelta(microseconds=i), tool_call_id="c\\1" if i == 1 else None,
+                    metadata={"why": text} if i % 2 else {})
+            for i, text in enumerate(AWKWARD_TEXT)
+        ),
+        tool_runs=(ToolRun(tool_call_id="c\\1", name="na\tme", args=["x\n", {"y": 2**70}],
+                           status="failed", attempts=3, last_error="boom\r\n", updated_at=at,
+                           metadata=nested),),
+        summaries=(MemorySummary(version=2, text="sum\\mary\t", covers_through=3,
+                                 updated_at=at, metadata={"x": "\\"}),),
+        checkpoints=(Checkpoint(checkpoint_id="ck\n1", parent_id=None, step=4, state=nested,
+                                created_at=at),),
+        events=(Event(event_seq=0, type="st\tatus", from_status="active",
+                      to_status=None, at=at, data=nested),),
+    )
+
+
+@pytest.mark.parametrize("path", ["fresh", "staged"])
+def test_awkward_values_arrive_exactly_by_either_path(
+    store: PostgresStore, dsn: str, path: str
+) -> None:
+    """The rows travel as COPY text: tabs, newlines, backslashes (``\\N``, ``\\.``),
+    NULLs and JSON of every kind arrive as they were, whether the session is new (COPY
+    straight into the tables) or PostgreSQL holds part of it (staging and merges)."""
+    from memshift.model import Session
+
+    sid = f"awk\t{path}\\{uuid.uuid4().hex[:6]}"
+    state = awkward_state(sid)
+    if path == "staged":
+        store.save_session(Session(session_id=sid, version=1, created_at=state.session.created_at,
+                                   updated_at=state.session.created_at))
+
+    result = bulk(dsn, state)
+
+    assert result.changed == {sid} and result.messages == len(AWKWARD_TEXT)
+    loaded = store.load_session(sid)
+    assert loaded is not None
+    assert loaded.model_dump() == state.model_dump()
