@@ -300,6 +300,11 @@ class Message(Record):
         )
 
 
+# What content_hash hashes: json.dumps(sort_keys=True, separators=(",", ":"),
+# ensure_ascii=False), with one encoder made once rather than one a call.
+_HASHED_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 class ToolRun(Record):
     tool_call_id: Id
     name: Annotated[Text, Field(min_length=1)]
@@ -324,13 +329,7 @@ class ToolRun(Record):
         fields = [self.name, self.args, self.status, self.last_error]
         if self.metadata:
             fields.append(self.metadata)
-        body = json.dumps(
-            fields,
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
-        )
-        return hashlib.sha1(body.encode("utf-8")).hexdigest()
+        return hashlib.sha1(_HASHED_JSON.encode(fields).encode("utf-8")).hexdigest()
 
     def merge_key(self) -> tuple[bool, datetime, int, str]:
         """Order in which writes win: terminal first, then newer, then rank, then hash."""

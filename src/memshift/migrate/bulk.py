@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -85,7 +85,11 @@ def _text(value: str | None) -> str:
 
 
 def _time(value: datetime | None) -> str:
-    return NULL if value is None else format_timestamp(value)
+    if value is None:
+        return NULL
+    if value.tzinfo is None:  # (the model's times are aware; this one is read as UTC)
+        return format_timestamp(value.replace(tzinfo=UTC))
+    return value.isoformat(timespec="microseconds")  # with its offset, in C
 
 
 def _json(value: Any) -> str:
