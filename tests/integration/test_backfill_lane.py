@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from memshift.config import Settings
 from memshift.errors import ValidationError
-from memshift.migrate.backfill import BackfillLayout, BackfillOptions, backfill, plain_message
+from memshift.migrate.backfill import BackfillOptions, backfill
 from memshift.migrate.bulk import TranscribedState, copy_text
+from memshift.migrate.lane import BackfillLayout, plain_message
 from memshift.model import Message, SessionState
 from memshift.stores.layouts.reference import ReferenceLayout
 from memshift.stores.layouts.timestamps import format_timestamp
