@@ -305,6 +305,16 @@ class Message(Record):
 _HASHED_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def tool_run_hash(
+    name: str, args: Any, status: str, last_error: str | None, metadata: dict[str, Any]
+) -> str:
+    """:meth:`ToolRun.content_hash` of a run with these fields."""
+    fields = [name, args, status, last_error]
+    if metadata:
+        fields.append(metadata)
+    return hashlib.sha1(_HASHED_JSON.encode(fields).encode("utf-8")).hexdigest()
+
+
 class ToolRun(Record):
     tool_call_id: Id
     name: Annotated[Text, Field(min_length=1)]
@@ -326,10 +336,7 @@ class ToolRun(Record):
         is left out, so runs without any hash as they did before metadata existed and
         the hashes PostgreSQL stored then still break ties the same way.
         """
-        fields = [self.name, self.args, self.status, self.last_error]
-        if self.metadata:
-            fields.append(self.metadata)
-        return hashlib.sha1(_HASHED_JSON.encode(fields).encode("utf-8")).hexdigest()
+        return tool_run_hash(self.name, self.args, self.status, self.last_error, self.metadata)
 
     def merge_key(self) -> tuple[bool, datetime, int, str]:
         """Order in which writes win: terminal first, then newer, then rank, then hash."""

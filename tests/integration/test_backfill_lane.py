@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from memshift.config import Settings
 from memshift.errors import ValidationError
 from memshift.migrate.backfill import BackfillOptions, backfill
-from memshift.migrate.bulk import TranscribedState, copy_text
+from memshift.migrate.bulk import EncodedState, TranscribedState, copy_text
 from memshift.migrate.lane import BackfillLayout, plain_message
 from memshift.model import Message, SessionState
 from memshift.stores.layouts.reference import ReferenceLayout
@@ -23,6 +23,7 @@ from memshift.stores.layouts.timestamps import format_timestamp
 from memshift.stores.postgres import PostgresStore
 from memshift.stores.redis import RedisStore
 from tests.integration.test_backfill import as_redis_holds
+from tests.unit.test_lane_parts import assert_same_rows, copy_values
 from tests.unit.test_reference_decode_paths import ISO, MESSAGE, encoded, records, stamps, texts
 
 SID = "s1"
@@ -50,37 +51,6 @@ def copy_lines(sid: str, messages: tuple[Message, ...]) -> str:
         ]) + "\n"
         for m in messages
     )
-
-
-_COPY_ESCAPES = {"b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
-
-
-def copy_values(text: str) -> list[list[str | None]]:
-    """COPY text read back as PostgreSQL reads it: rows of fields, ``\\N`` as None,
-    backslash escapes undone (the lane sends JSON's escapes, which COPY shares, as
-    they are; ``copy_lines`` escapes only what it must: the texts differ, the values
-    must not)."""
-    rows: list[list[str | None]] = []
-    for line in text.split("\n")[:-1]:
-        fields: list[str | None] = []
-        for field in line.split("\t"):
-            if field == "\\N":
-                fields.append(None)
-                continue
-            out, i = [], 0
-            while i < len(field):
-                char = field[i]
-                if char == "\\":
-                    follower = field[i + 1]
-                    assert not follower.isdigit() and follower != "x", field  # never sent
-                    out.append(_COPY_ESCAPES.get(follower, follower))
-                    i += 2
-                else:
-                    out.append(char)
-                    i += 1
-            fields.append("".join(out))
-        rows.append(fields)
-    return rows
 
 
 def without_messages(state: SessionState) -> dict[str, Any]:
@@ -125,7 +95,10 @@ def same_reading(raws: list[bytes], trimmed: bytes, tools: dict[bytes, bytes]) -
         assert got[1] == expected[1]
         return False
     reference, lane = expected[1], got[1]
-    assert without_messages(lane) == without_messages(reference)
+    if isinstance(lane, EncodedState):  # the other parts read by the lane too
+        assert_same_rows((lane.session, lane.parts, lane.event_count), reference)
+    else:
+        assert without_messages(lane) == without_messages(reference)
     plain = [plain_message(raw) for raw in raws]
     ids = {message[0] for message in plain if message is not None}
     assert isinstance(lane, TranscribedState) == (None not in plain and len(ids) == len(raws)

@@ -120,6 +120,16 @@ class TranscribedState(SessionState):
     transcript: Transcript
 
 
+class EncodedState(TranscribedState):
+    """A session the backfill's lane read straight into COPY text: its session record
+    and transcript as in :class:`TranscribedState`, its other parts as lines of COPY
+    text (``parts``: tool runs, summaries, checkpoints, events), its record tuples
+    empty. Only :func:`encode` reads it."""
+
+    parts: tuple[str, str, str, str]
+    event_count: int
+
+
 @dataclass(frozen=True, slots=True)
 class SessionRows:
     """One session's rows as UTF-8 COPY text, table by table (``TABLES``' order)."""
@@ -147,14 +157,26 @@ def encode(state: SessionState) -> SessionRows:
         count = len(state.messages)
         last_seq = max((m.seq for m in state.messages if m.seq is not None), default=-1)
         next_seq = max(s.messages_trimmed, last_seq + 1)
-    next_event_seq = 1 + max(
-        (e.event_seq for e in state.events if e.event_seq is not None), default=-1
-    )
+    if isinstance(state, EncodedState):
+        next_event_seq = state.event_count
+    else:
+        next_event_seq = 1 + max(
+            (e.event_seq for e in state.events if e.event_seq is not None), default=-1
+        )
     session = (
         f"{sid}\t{_text(s.tenant_id)}\t{_text(s.user_id)}\t{copy_text(s.status)}\t"
         f"{s.version}\t{_time(s.created_at)}\t{_time(s.updated_at)}\t{s.messages_trimmed}\t"
         f"{_json(s.metadata)}\t{_time(s.expires_at)}\t{next_seq}\t{next_event_seq}\n"
     )
+    if isinstance(state, EncodedState):
+        parts: tuple[str, ...] = (session, messages, *state.parts)
+    else:
+        parts = (session, messages, *_other_parts(sid, state))
+    return SessionRows(state.session_id, count, tuple(part.encode() for part in parts))
+
+
+def _other_parts(sid: str, state: SessionState) -> tuple[str, str, str, str]:
+    """The COPY text of a session's tool runs, summaries, checkpoints and events."""
     tool_runs = "".join(
         f"{sid}\t{copy_text(t.tool_call_id)}\t{copy_text(t.name)}\t{_json(t.args)}\t"
         f"{t.status}\t{t.attempts}\t{_text(t.last_error)}\t{_time(t.updated_at)}\t"
@@ -176,14 +198,7 @@ def encode(state: SessionState) -> SessionRows:
         f"{_text(e.from_status)}\t{_text(e.to_status)}\t{_time(e.at)}\t{_json(e.data)}\n"
         for e in state.events
     )
-    return SessionRows(
-        state.session_id,
-        count,
-        tuple(
-            part.encode()
-            for part in (session, messages, tool_runs, summaries, checkpoints, events)
-        ),
-    )
+    return tool_runs, summaries, checkpoints, events
 
 
 # Each merge returns (session id, rows changed) for every session it changed.

@@ -15,13 +15,23 @@ import json
 import operator
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 
-from memshift.migrate.bulk import NULL, TranscribedState, Transcript, copy_text
-from memshift.model import MAX_ID_BYTES, SessionState, text_problem
+from memshift.migrate.bulk import NULL, EncodedState, TranscribedState, Transcript, copy_text
+from memshift.model import (
+    MAX_ID_BYTES,
+    SESSION_STATUSES,
+    TOOL_STATUS_RANK,
+    Session,
+    SessionState,
+    _json_storable,
+    now,
+    text_problem,
+    tool_run_hash,
+)
 from memshift.stores.layouts import Layout
 from memshift.stores.layouts.reference import CHILDREN, ReferenceLayout
 from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
@@ -52,9 +62,13 @@ class BackfillLayout(ReferenceLayout):
         ids, columns = plain
         if len(set(ids)) < len(ids):
             return super().decode(session_id, replies)  # problems() names the repeated id
-        state = super().decode(session_id, [fields, [], *replies[2:]])
-        assert state is not None  # the hash is there
-        trimmed = state.session.messages_trimmed
+        lean = lean_parts(session_id, fields, *replies[2:])
+        state = None
+        if lean is None:  # the other parts as the layout reads them
+            state = super().decode(session_id, [fields, [], *replies[2:]])
+            assert state is not None  # the hash is there
+        session = state.session if state is not None else lean[0]  # type: ignore[index]
+        trimmed = session.messages_trimmed
         count = len(ids)
         if trimmed + count > _MAX_SEQ:
             return super().decode(session_id, replies)  # which says which seq is too large
@@ -63,7 +77,12 @@ class BackfillLayout(ReferenceLayout):
         line += "\t{}\t{}\t{}\t{}\t{}\t{}\t{{}}\n"
         text = "".join(map(line.format, range(trimmed, trimmed + count), *columns))
         transcript = Transcript(text, count, trimmed + count)
-        return TranscribedState.model_construct(**dict(state), transcript=transcript)
+        if state is not None:
+            return TranscribedState.model_construct(**dict(state), transcript=transcript)
+        assert lean is not None
+        return EncodedState.model_construct(
+            session=session, transcript=transcript, parts=lean[1], event_count=lean[2]
+        )
 
     def part_owner(self, key: bytes) -> str | None:
         """The id of the session whose part (``...:messages``, ``...:tools``, ...)
@@ -214,3 +233,248 @@ def for_backfill(layout: Layout) -> Layout:
     if type(layout) is ReferenceLayout:
         return BackfillLayout(layout.prefix, hash_tag=layout.hash_tag)
     return layout
+
+
+# -- the rest of a session -------------------------------------------------------------
+#
+# A session's other parts (its hash, tool runs, summary, checkpoint and events) as
+# memshift's reference layout writes them go straight into COPY text too: each value
+# is checked with tests that imply the layout and the model would accept it
+# unchanged, and no record is built but the session's. Anything else (an unknown
+# field or member, metadata in a record, a JSON value in another spelling, a time in
+# another form, a checkpoint that names itself as its parent) is read by the layout
+# as always.
+
+_SESSION_FIELDS = {name.encode(): name for name in (
+    "tenant_id", "user_id", "status", "version", "created_at", "updated_at",
+    "messages_trimmed", "metadata",
+)}
+_COUNTS = frozenset({"version", "messages_trimmed"})
+_TIMES = frozenset({"created_at", "updated_at"})
+_SESSION_STATUSES = frozenset(SESSION_STATUSES)
+_TOOL_STATUSES = frozenset(TOOL_STATUS_RANK)
+_TOOL_MEMBERS = frozenset({"name", "args", "status", "attempts", "last_error", "updated_at"})
+_SUMMARY_MEMBERS = frozenset({"version", "text", "covers_through", "updated_at"})
+_CHECKPOINT_MEMBERS = frozenset({"checkpoint_id", "parent_id", "step", "state", "created_at"})
+_EVENT_FIELDS = {b"type": "type", b"from": "from", b"to": "to", b"at": "at", b"data": "data"}
+_MAX_COUNT = 2**62  # Count's bound in the model
+_DIGITS = re.compile(r"\d+")  # what the layout reads as a count (int() reads it alike)
+
+
+class _NotLean(Exception):
+    """This part is not in the form the lane reads: the layout reads the session."""
+
+
+def lean_parts(
+    session_id: str, fields: Any, tools: Any, summary: Any, checkpoint: Any, events: Any,
+    ttl: Any,
+) -> tuple[Session, tuple[str, str, str, str], int] | None:
+    """The session record, the COPY text of its tool runs, summary, checkpoint and
+    events, and how many events, as the layout and :func:`memshift.migrate.bulk.encode`
+    would make them; None when a part is not in memshift's own form."""
+    sid = copy_text(session_id)
+    try:
+        session = _lean_session(session_id, fields, ttl)
+        entries = _lean_events(sid, events)
+        return session, (
+            _lean_tool_runs(sid, tools),
+            "" if summary is None else _lean_summary(sid, summary),
+            "" if checkpoint is None else _lean_checkpoint(sid, checkpoint),
+            "".join(entries),
+        ), len(entries)
+    except _NotLean:
+        return None
+
+
+def _text(raw: Any) -> str:
+    """Redis bytes as text the model holds as it is: UTF-8, no NUL."""
+    if type(raw) is not bytes:
+        raise _NotLean
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _NotLean from None
+    if "\x00" in text:
+        raise _NotLean
+    return text
+
+
+def _id(value: Any) -> str:
+    """An id the model takes as it is (text, 1 to MAX_ID_BYTES bytes, no NUL), as a
+    COPY text field."""
+    if (type(value) is not str or not value or "\x00" in value
+            or (len(value) > _SHORT_ID and len(value.encode("utf-8")) > MAX_ID_BYTES)):
+        raise _NotLean
+    return copy_text(value)
+
+
+def _json(raw: Any) -> Any:
+    """A JSON value written as the layout writes it (compact, no ASCII escapes, each
+    member once: what orjson writes too) that JSONB stores exactly."""
+    if type(raw) is not bytes:
+        raise _NotLean
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _NotLean from None
+    if orjson.dumps(value) != raw or not _json_storable(value):
+        raise _NotLean
+    return value
+
+
+def _json_field(value: Any) -> str:
+    """A JSON value read by :func:`_json` as a COPY text field."""
+    return "{}" if value == {} else copy_text(orjson.dumps(value).decode())
+
+
+def _object(raw: Any, members: frozenset[str]) -> dict[str, Any]:
+    value = _json(raw)
+    if type(value) is not dict or not value.keys() <= members:
+        raise _NotLean
+    return value
+
+
+def _time(value: Any) -> str:
+    """A time in the form memshift writes (which PostgreSQL reads as it is) that
+    exists, as a COPY text field."""
+    if type(value) is not str or not _CANONICAL_TIME.fullmatch(value):
+        raise _NotLean
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise _NotLean from None
+    return value
+
+
+def _count(value: Any, low: int = 0) -> int:
+    if type(value) is not int or not low <= value <= _MAX_COUNT:
+        raise _NotLean
+    return value
+
+
+def _optional_text(value: Any) -> str:
+    """Text or null (as COPY text): JSON text holds no NUL here (:func:`_json` checked)."""
+    if value is None:
+        return NULL
+    if type(value) is not str:
+        raise _NotLean
+    return copy_text(value)
+
+
+def _lean_session(session_id: str, fields: Any, ttl: Any) -> Session:
+    if type(fields) is not dict:
+        raise _NotLean
+    data: dict[str, Any] = {"session_id": session_id}
+    for raw_name, raw in fields.items():
+        name = _SESSION_FIELDS.get(raw_name)
+        if name is None:
+            raise _NotLean  # unknown fields go into the metadata: the layout's work
+        if name == "metadata":
+            value: Any = _json(raw)
+            if type(value) is not dict:
+                raise _NotLean
+        else:
+            value = _text(raw)
+            if name in _COUNTS:
+                if not _DIGITS.fullmatch(value) or int(value) > _MAX_COUNT:
+                    raise _NotLean
+                value = int(value)
+            elif name in _TIMES:
+                try:
+                    value = parse_timestamp(value)
+                except ValueError:
+                    raise _NotLean from None
+            elif name == "status" and value not in _SESSION_STATUSES:
+                raise _NotLean
+        data[name] = value
+    if "created_at" not in data or "updated_at" not in data:
+        raise _NotLean
+    if isinstance(ttl, int) and ttl > 0:
+        data["expires_at"] = now() + timedelta(milliseconds=ttl)
+    return Session.model_construct(**data)
+
+
+def _lean_tool_runs(sid: str, pairs: Any) -> str:
+    """The tool runs' lines, in tool call id order (as the layout sorts them)."""
+    if not pairs:
+        return ""
+    if type(pairs) is not dict:
+        raise _NotLean
+    lines = []
+    for raw_id, raw in pairs.items():
+        tool_call_id = _text(raw_id)
+        shown_id = _id(tool_call_id)
+        data = _object(raw, _TOOL_MEMBERS)
+        name = data.get("name")
+        if type(name) is not str or not name:
+            raise _NotLean
+        args = data.get("args", {})
+        status = data.get("status", "pending")
+        last_error = data.get("last_error")
+        if status not in _TOOL_STATUSES:
+            raise _NotLean
+        lines.append((tool_call_id, (
+            f"{sid}\t{shown_id}\t{copy_text(name)}\t{_json_field(args)}\t{status}\t"
+            f"{_count(data.get('attempts', 0))}\t{_optional_text(last_error)}\t"
+            f"{_time(data.get('updated_at'))}\t"
+            f"{tool_run_hash(name, args, status, last_error, {})}\t{{}}\n"
+        )))
+    lines.sort(key=_FIRST)
+    return "".join(line for _, line in lines)
+
+
+_FIRST = operator.itemgetter(0)
+
+
+def _lean_summary(sid: str, raw: Any) -> str:
+    data = _object(raw, _SUMMARY_MEMBERS)
+    text = data.get("text")
+    if type(text) is not str:
+        raise _NotLean
+    return (
+        f"{sid}\t{_count(data.get('version'), low=1)}\t{copy_text(text)}\t"
+        f"{_count(data.get('covers_through', -1), low=-1)}\t{_time(data.get('updated_at'))}\t"
+        "{}\n"
+    )
+
+
+def _lean_checkpoint(sid: str, raw: Any) -> str:
+    data = _object(raw, _CHECKPOINT_MEMBERS)
+    checkpoint_id, parent_id = data.get("checkpoint_id"), data.get("parent_id")
+    state = data.get("state", {})
+    if type(state) is not dict or parent_id == checkpoint_id:  # (the model refuses it)
+        raise _NotLean
+    parent = NULL if parent_id is None else _id(parent_id)
+    return (
+        f"{sid}\t{_id(checkpoint_id)}\t{parent}\t{_count(data.get('step'))}\t"
+        f"{_json_field(state)}\t{_time(data.get('created_at'))}\t{{}}\n"
+    )
+
+
+def _lean_events(sid: str, entries: Any) -> list[str]:
+    if not entries:
+        return []
+    if type(entries) is not list:
+        raise _NotLean
+    lines = []
+    for index, entry in enumerate(entries):
+        if type(entry) not in (list, tuple) or len(entry) != 2:
+            raise _NotLean
+        entry_id, fields = entry
+        if type(entry_id) is not bytes or not entry_id.isascii() or type(fields) is not dict:
+            raise _NotLean
+        data: dict[str, Any] = {}
+        for raw_name, raw in fields.items():
+            name = _EVENT_FIELDS.get(raw_name)
+            if name is None:
+                raise _NotLean
+            data[name] = _json(raw) if name == "data" else _text(raw)
+        kind, event_data = data.get("type", "status"), data.get("data", {})
+        if kind == "" or type(event_data) is not dict:
+            raise _NotLean
+        lines.append(
+            f"{sid}\t{index}\t{copy_text(kind)}\t{_optional_text(data.get('from'))}\t"
+            f"{_optional_text(data.get('to'))}\t{_time(data.get('at'))}\t"
+            f"{_json_field(event_data)}\n"
+        )
+    return lines
