@@ -139,16 +139,7 @@ class Summary:
         return data
 
 
-def connect(dsn: str, *, flush_each_commit: bool = True) -> psycopg.Connection[Any]:
-    """An autocommit connection to a schema this memshift can use.
-
-    ``flush_each_commit=False`` is for the work of a run (claims, batches, discovery):
-    its commits do not wait for the WAL to reach the disk (``synchronous_commit``
-    off). That is safe here: a batch and its "done" mark commit together, so a crash
-    of PostgreSQL loses the last of them whole, and the run does them again; and
-    the commit that marks a run completed waits as always, which makes every earlier
-    commit durable with it (the WAL is written in order).
-    """
+def connect(dsn: str) -> psycopg.Connection[Any]:
     conn = psycopg.connect(dsn, autocommit=True)
     row = conn.execute(query("schema_version")).fetchone()
     if not row or row[0] < latest_version():
@@ -158,8 +149,6 @@ def connect(dsn: str, *, flush_each_commit: bool = True) -> psycopg.Connection[A
             f"needs {latest_version()}; run `memshift db upgrade` first"
         )
     conn.execute("SET TimeZone TO 'UTC'")
-    if not flush_each_commit:
-        conn.execute("SET synchronous_commit TO off")
     return conn
 
 
@@ -426,8 +415,8 @@ def work(
     me = name or worker_name()
     done = 0
     with (
-        connect(dsn, flush_each_commit=False) as claims,
-        connect(dsn, flush_each_commit=False) as writes,
+        connect(dsn) as claims,
+        connect(dsn) as writes,
         ThreadPoolExecutor(1, thread_name_prefix="memshift-backfill-write") as writer,
         _collecting_between_batches() as collect,
         _switching_often(),
@@ -755,7 +744,7 @@ def _discovering(
     found = threading.Event()
 
     def scan() -> None:
-        with connect(dsn, flush_each_commit=False) as conn:
+        with connect(dsn) as conn:
             discover(conn, store, run, options, stop=stopping.is_set, on_batches=found.set)
 
     with ThreadPoolExecutor(1, thread_name_prefix="memshift-backfill-scan") as pool:

@@ -3,9 +3,10 @@
 Transcripts are most of a backfill's data, so the reference layout's plain ones go
 straight into lines of COPY text, with no ``Message`` built (:class:`BackfillLayout`):
 each message is checked with cheap, conservative tests that imply the full
-validation would accept it unchanged. A session with any message that is not
-certainly fine is read by the layout as always, so what is quarantined, and why,
-does not change.
+validation would accept it unchanged. The session's other parts, when memshift
+wrote them, go the same way (:func:`lean_parts`). A session with anything that is
+not certainly fine is read by the layout as always, so what is quarantined, and
+why, does not change.
 """
 
 from __future__ import annotations
