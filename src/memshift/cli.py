@@ -430,6 +430,10 @@ def backfill_cmd(
                           f"{r.unchanged:,}", f"{r.quarantined:,}", f"{r.vanished:,}",
                           f"{r.messages:,}", f"{r.seconds:,.1f}")
         out.print(table)
+        for r in found:
+            if "abandoned_by" in r.extra:
+                out.print(f"run {r.run_id} was abandoned by {r.extra['abandoned_by']}: "
+                          f"{r.extra['abandoned_reason']}", markup=False)
         return
     serve_metrics(settings, metrics_port)
     options = BackfillOptions(

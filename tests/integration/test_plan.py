@@ -310,6 +310,8 @@ def test_the_backfill_gate_names_each_unfinished_run_and_how_to_abandon_it(
                          "started against the wrong Redis URL", "--json", env=env)
     again = memshift("backfill", "--abandon", str(stuck), "--reason", "twice", env=env)
     unknown = memshift("backfill", "--abandon", "999", "--reason", "typo", env=env)
+    status = memshift("backfill", "--status", "--json", env=env)
+    shown = memshift("backfill", "--status", env=env)
     row = conn.execute("SELECT state, abandoned_by, abandoned_reason, finished_at IS NOT NULL"
                        " FROM memshift.backfill_runs WHERE run_id = %s", (stuck,)).fetchone()
 
@@ -323,6 +325,11 @@ def test_the_backfill_gate_names_each_unfinished_run_and_how_to_abandon_it(
     assert row == ("abandoned", "dave", "started against the wrong Redis URL", True)
     assert again.returncode == 1 and "abandoned already" in again.stderr
     assert unknown.returncode == 1 and "no backfill run 999" in unknown.stderr
+    listed = {r["run_id"]: r for r in json.loads(status.stdout)}
+    assert (listed[stuck]["abandoned_by"], listed[stuck]["abandoned_reason"]) == (
+        "dave", "started against the wrong Redis URL")
+    assert f"run {stuck} was abandoned by dave: started against the wrong Redis URL" in (
+        shown.stdout.replace("\n", " "))
     assert set_stage(conn, "shadow", "the stuck run is abandoned").stage is Stage.SHADOW
 
 

@@ -209,7 +209,10 @@ def _summary(row: dict[str, Any]) -> Summary:
         messages=row["messages"],
         seconds=round((end - row["started_at"]).total_seconds(), 3),
         extra={"source": row["source"], "layout": row["layout"], "prefix": row["prefix"],
-               "started_at": row["started_at"]},
+               "started_at": row["started_at"],
+               **({"abandoned_by": row["abandoned_by"],
+                   "abandoned_reason": row["abandoned_reason"]}
+                  if row.get("abandoned_by") else {})},
     )
 
 
@@ -776,15 +779,24 @@ def _start_method() -> str:
     A forked child starts at once, with memshift imported; a spawned one starts a
     new interpreter and imports memshift first (some 0.3 s of CPU, which a short run
     feels). Fork only on Linux (elsewhere system libraries do not survive it) and
-    only while this process runs no other thread: a forked child gets a copy of
-    every lock, including those another thread holds at that moment, which nobody
-    would ever release in the child. The child uses nothing it inherits (it makes its
+    only while this process runs no other thread, Python's or C's (an embedding
+    application's): a forked child gets a copy of every lock, including those
+    another thread holds at that moment, which nobody would ever release in the
+    child. The child uses nothing it inherits (it makes its
     own connections) and ends without running finalizers, so the parent's
     connections are not touched.
     """
-    if sys.platform == "linux" and threading.active_count() == 1:
+    if sys.platform == "linux" and _threads() == 1:
         return "fork"
     return "spawn"
+
+
+def _threads() -> int:
+    """The threads of this process, those that C code started included (Linux)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0  # unknown: not one
 
 
 def _spawn(
