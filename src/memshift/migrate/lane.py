@@ -34,7 +34,7 @@ from memshift.model import (
     tool_run_hash,
 )
 from memshift.stores.layouts import Layout
-from memshift.stores.layouts.reference import CHILDREN, ReferenceLayout
+from memshift.stores.layouts.reference import _DIGITS, CHILDREN, ReferenceLayout
 from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
 
 
@@ -143,10 +143,10 @@ def plain_transcript(raws: list[Any]) -> tuple[list[str], list[Sequence[str]]] |
 # and ids that differ as text differ as values.
 _PLAIN = r'[^"\\\x00-\x1f]'
 _WRITTEN = re.compile(
-    rf'^\{{"id":"({_PLAIN}{{1,{MAX_ID_BYTES // 4}}})","role":"({_PLAIN}{{1,64}})",'
+    rf'^\{{"id":"({_PLAIN}{{1,{_SHORT_ID}}})","role":"({_PLAIN}{{1,64}})",'
     rf'"content":"({_PLAIN}*(?:\\["\\bfnrt]{_PLAIN}*)*)",'
     r'"ts":"([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z)"'
-    rf'(?:,"tool_call_id":(?:"({_PLAIN}{{1,{MAX_ID_BYTES // 4}}})"|null))?\}}$',
+    rf'(?:,"tool_call_id":(?:"({_PLAIN}{{1,{_SHORT_ID}}})"|null))?\}}$',
     re.MULTILINE,
 )
 _ID, _TS = operator.itemgetter(0), operator.itemgetter(3)
@@ -258,8 +258,6 @@ _TOOL_MEMBERS = frozenset({"name", "args", "status", "attempts", "last_error", "
 _SUMMARY_MEMBERS = frozenset({"version", "text", "covers_through", "updated_at"})
 _CHECKPOINT_MEMBERS = frozenset({"checkpoint_id", "parent_id", "step", "state", "created_at"})
 _EVENT_FIELDS = {b"type": "type", b"from": "from", b"to": "to", b"at": "at", b"data": "data"}
-_MAX_COUNT = 2**62  # Count's bound in the model
-_DIGITS = re.compile(r"\d+")  # what the layout reads as a count (int() reads it alike)
 
 
 class _NotLean(Exception):
@@ -348,7 +346,7 @@ def _time(value: Any) -> str:
 
 
 def _count(value: Any, low: int = 0) -> int:
-    if type(value) is not int or not low <= value <= _MAX_COUNT:
+    if type(value) is not int or not low <= value <= _MAX_SEQ:
         raise _NotLean
     return value
 
@@ -377,7 +375,7 @@ def _lean_session(session_id: str, fields: Any, ttl: Any) -> Session:
         else:
             value = _text(raw)
             if name in _COUNTS:
-                if not _DIGITS.fullmatch(value) or int(value) > _MAX_COUNT:
+                if not _DIGITS.fullmatch(value) or int(value) > _MAX_SEQ:
                     raise _NotLean
                 value = int(value)
             elif name in _TIMES:
