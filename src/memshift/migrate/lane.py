@@ -34,7 +34,12 @@ from memshift.model import (
     tool_run_hash,
 )
 from memshift.stores.layouts import Layout
-from memshift.stores.layouts.reference import _DIGITS, CHILDREN, ReferenceLayout
+from memshift.stores.layouts.reference import (
+    _DIGITS,
+    CHILDREN,
+    ReferenceLayout,
+    plain_entry_fields,
+)
 from memshift.stores.layouts.timestamps import format_timestamp, parse_timestamp
 
 
@@ -457,10 +462,8 @@ def _lean_events(sid: str, entries: Any) -> list[str]:
         raise _NotLean
     lines = []
     for index, entry in enumerate(entries):
-        if type(entry) not in (list, tuple) or len(entry) != 2:
-            raise _NotLean
-        entry_id, fields = entry
-        if type(entry_id) is not bytes or not entry_id.isascii() or type(fields) is not dict:
+        fields = plain_entry_fields(entry)  # the layout's own plain shape
+        if fields is None:
             raise _NotLean
         data: dict[str, Any] = {}
         for raw_name, raw in fields.items():

@@ -765,15 +765,24 @@ def _plain_tool_runs(pairs: dict[Any, Any]) -> list[dict[str, Any]] | None:
     return items
 
 
+def plain_entry_fields(entry: Any) -> dict[Any, Any] | None:
+    """The fields of a stream entry of the plain shape (an ASCII id, fields as a
+    dict, as redis-py gives them); else None."""
+    if type(entry) not in (list, tuple) or len(entry) != 2:
+        return None
+    entry_id, fields = entry
+    if type(entry_id) is not bytes or not entry_id.isascii() or type(fields) is not dict:
+        return None
+    return fields
+
+
 def _plain_events(entries: list[Any]) -> list[dict[str, Any]] | None:
     """Every event's fields, ready for validation, if every entry holds only known
     fields as bytes (data as JSON) and a readable ``at``; else None."""
     items = []
     for index, entry in enumerate(entries):
-        if type(entry) not in (list, tuple) or len(entry) != 2:
-            return None
-        entry_id, fields = entry
-        if type(entry_id) is not bytes or not entry_id.isascii() or type(fields) is not dict:
+        fields = plain_entry_fields(entry)
+        if fields is None:
             return None
         data: dict[str, Any] = {"event_seq": index}
         try:
